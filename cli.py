@@ -1,0 +1,149 @@
+"""The `retrieval` command line: parses arguments and calls the library. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from retrieval.errors import RetrievalError
+
+app = typer.Typer(help="Multimodal retrieval: encode corpora, build FAISS indexes, answer composed queries.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+index_app = typer.Typer(help="Build FAISS indexes.", no_args_is_help=True)
+models_app = typer.Typer(help="Registered encoders.", no_args_is_help=True)
+data_app = typer.Typer(help="Benchmark data.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+
+DEVICE_HELP = "auto | cpu | cuda"
+
+
+@app.command()
+def encode(
+    corpus: Path = typer.Argument(..., help="A .jsonl/.csv/.parquet manifest or a folder of images."),
+    model: str = typer.Option(..., "--model", help="Registered model name or checkpoint folder."),
+    out: Path = typer.Option(..., "--out", help="Embedding store folder (rerun to resume)."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    workers: int | None = typer.Option(None, "--workers", help="Loader processes (default: min(4, cores))."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16"),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad item instead of skipping it."),
+    part_size: int = typer.Option(10_000, "--part-size", help="Items per Parquet part (the resume unit)."),
+) -> None:
+    """Encode a corpus into a Parquet embedding store."""
+    from retrieval.encode import encode_corpus
+
+    summary = encode_corpus(corpus, out, model, batch_size=batch_size, workers=workers, device=device,
+                            dtype=dtype, strict=strict, part_size=part_size)
+    typer.echo("\n".join(summary.lines()))
+
+
+@index_app.command("build")
+def index_build(
+    source: Path = typer.Argument(..., help="An embedding store, or a corpus to encode first (needs --model)."),
+    out: Path = typer.Option(..., "--out", help="Index folder."),
+    model: str | None = typer.Option(None, "--model", help="Encoder for a corpus SOURCE."),
+    index_key: str = typer.Option("auto", "--index-key", help="auto, or a FAISS factory string."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    memory_budget: str = typer.Option("4GB", "--memory-budget"),
+    target_recall: float = typer.Option(0.95, "--target-recall", help="ann_recall@10 that tuning aims for."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Encoding batch size (corpus SOURCE)."),
+    workers: int | None = typer.Option(None, "--workers", help="Encoding loader processes."),
+) -> None:
+    """Build a FAISS index (index.faiss + index.json) from an embedding store or a corpus."""
+    from retrieval.indexing import build_index_folder
+
+    info = build_index_folder(source, out, model=model, index_key=index_key, device=device,
+                              memory_budget=memory_budget, target_recall=target_recall,
+                              encode_options={"batch_size": batch_size, "workers": workers, "device": device})
+    typer.echo(f"index {out}: {info['index_key']} over {info['count']} vectors (dim {info['dim']}), "
+               f"{info['search_params'] or 'exact'}, ann_recall@10 {info['ann_recall@10']:.3f}, "
+               f"built in {info['seconds']['total']:.1f} s on {info['device']}")
+    for note in info["notes"]:
+        typer.echo(f"note: {note}")
+
+
+@app.command()
+def search(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    image: Path | None = typer.Option(None, "--image", help="Query image."),
+    text: str | None = typer.Option(None, "--text", help="Query text (an instruction, a question, a caption)."),
+    k: int = typer.Option(10, "-k", "--k", help="Number of results."),
+    where: str | None = typer.Option(None, "--where", help="DuckDB SQL predicate over the store's columns."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Search an index with an image, a text, or both."""
+    from retrieval.search import check_k, open_index
+
+    check_k(k)
+    if image is None and not (text and text.strip()):
+        raise RetrievalError("a query needs an image, a text, or both (--image / --text)")
+    hits = open_index(index, device=device).search(image=image, text=text, k=k, where=where)
+    if as_json:
+        typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, default=str))
+        return
+    if not hits:
+        typer.echo("no results")
+    rows = [("rank", "score", "id", "text", "image")]
+    rows += [(str(h.rank), f"{h.score:.4f}", h.id, _clip(h.text or "", 60), h.image or "") for h in hits]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered encoders with their dimensions and checkpoints."""
+    from retrieval.encoders.registry import default_checkpoint, list_configs
+
+    rows = [("name", "family", "dim", "checkpoint", "description")]
+    for name, config in list_configs().items():
+        checkpoint = default_checkpoint(config)
+        rows.append((name, config.family, str(config.dim),
+                     str(checkpoint) if checkpoint else f"random init (seed {config.seed})", config.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+
+
+@data_app.command("make")
+def data_make(
+    name: str = typer.Argument(..., help="shapesworld"),
+    out: Path = typer.Option(..., "--out"),
+    n: int = typer.Option(500, "--n", help="Number of items."),
+    size: int = typer.Option(64, "--size", help="Image size in pixels."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Generate a benchmark corpus (images + corpus.jsonl) offline."""
+    from evaluation.shapesworld import make_shapesworld
+
+    makers = {"shapesworld": make_shapesworld}
+    if name not in makers:
+        raise RetrievalError(f"unknown data set {name!r}; known: {', '.join(makers)}")
+    manifest = makers[name](out, n=n, size=size, seed=seed)
+    typer.echo(f"wrote {n} items: {manifest}")
+
+
+def main() -> None:
+    try:
+        app()
+    except RetrievalError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: run the same command again to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmark data generators, tasks, metrics and reports."""

@@ -1,0 +1,118 @@
+"""Building a FAISS index: train on a capped sample, add ids and vectors in streamed batches, tune, measure."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from indexers.gpu import resolve_faiss_device, to_cpu, to_gpu
+from indexers.ground_truth import Batches, ann_recall, exact_search
+from retrieval.errors import RetrievalError
+
+TRAIN_POINTS_PER_LIST = 64
+MAX_TRAIN = 256_000
+
+
+@dataclass
+class BuiltIndex:
+    index: object  # a CPU faiss.Index whose ids are the store's row ids
+    key: str
+    factory: str
+    params: str
+    ann_recall: float
+    recall_queries: int
+    device: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def factory_string(key: str) -> str:
+    """IVF indexes keep ids natively; everything else is wrapped in IDMap2 so search returns row ids."""
+    return key if key.startswith("IVF") and "Refine" not in key else f"IDMap2,{key}"
+
+
+def search_parameter(index) -> tuple[str, list[int]] | None:
+    """The knob that trades speed for recall, and the values to try, for the index's type."""
+    import faiss
+
+    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
+    if isinstance(inner, faiss.IndexRefine):
+        inner = faiss.downcast_index(inner.base_index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048]
+    if isinstance(inner, faiss.IndexIVF):
+        return "nprobe", [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p <= inner.nlist]
+    return None
+
+
+def tune(index, queries: np.ndarray, truth: np.ndarray, k: int, target: float) -> tuple[str, float]:
+    """Pick the cheapest setting whose k-recall@k on the sample reaches `target` (else the best one)."""
+    import faiss
+
+    space = faiss.ParameterSpace()
+    base = "k_factor_rf=8," if "Refine" in type(faiss.downcast_index(getattr(index, "index", index))).__name__ \
+        else ""
+    knob = search_parameter(index)
+    if knob is None:
+        return base.rstrip(","), ann_recall(index.search(queries, k)[1], truth, k)
+    name, values = knob
+    best = ("", -1.0)
+    for value in values:
+        params = f"{base}{name}={value}"
+        space.set_index_parameters(index, params)
+        recall = ann_recall(index.search(queries, k)[1], truth, k)
+        if recall > best[1]:
+            best = (params, recall)
+        if recall >= target:
+            break
+    space.set_index_parameters(index, best[0])
+    return best
+
+
+def build_index(batches: Batches, n: int, dim: int, key: str, sample_vectors: Callable[[int], np.ndarray],
+                recall_queries: np.ndarray, device: str = "auto", target_recall: float = 0.95, k: int = 10,
+                progress: bool = True) -> BuiltIndex:
+    """Build `key` over `n` vectors streamed by `batches`, tuned to reach `target_recall` k-recall@k."""
+    import faiss
+    from tqdm import tqdm
+
+    notes: list[str] = []
+    factory = factory_string(key)
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise RetrievalError(f"FAISS cannot build index key {key!r}: {str(e).splitlines()[-1]}") from None
+    device = resolve_faiss_device(device, notes)
+    if device == "cuda":
+        index, device = to_gpu(index, notes)
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    if not index.is_trained:
+        ivf = faiss.extract_index_ivf(index)
+        want = min(n, MAX_TRAIN, max(TRAIN_POINTS_PER_LIST * ivf.nlist, 10_000))
+        if want < ivf.nlist:
+            raise RetrievalError(f"{n} vectors are too few to train {ivf.nlist} clusters; use a smaller IVF")
+        index.train(np.ascontiguousarray(sample_vectors(want), dtype=np.float32))
+    seconds["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with tqdm(total=n, unit="vec", desc=f"add {key}", disable=not progress, dynamic_ncols=True) as bar:
+        for ids, vectors in batches():
+            index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+            bar.update(len(ids))
+    seconds["add"] = time.perf_counter() - t
+    if index.ntotal != n:
+        raise RetrievalError(f"index holds {index.ntotal} vectors but the store has {n}")
+    index = to_cpu(index)
+
+    t = time.perf_counter()
+    queries = np.ascontiguousarray(recall_queries, dtype=np.float32)
+    truth = exact_search(queries, batches, k)[1]
+    params, recall = tune(index, queries, truth, k, target_recall)
+    seconds["tune"] = time.perf_counter() - t
+    return BuiltIndex(index=index, key=key, factory=factory, params=params, ann_recall=recall,
+                      recall_queries=len(queries), device=device, seconds=seconds, notes=notes)

@@ -1,0 +1,92 @@
+"""Choosing a FAISS index for a vector count, dimension and memory budget (the `auto` index key)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from retrieval.errors import RetrievalError
+
+EXACT_MAX = 50_000  # below this, exact search costs at most a few ms a query: no reason to approximate
+HNSW_MAX = 1_000_000  # HNSW build time grows past the budget of a laptop build beyond this
+HNSW_M = 32
+ID_MAP_BYTES = 16  # IDMap2: the id array plus the reverse hash map
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    key: str
+    bytes: int
+    reason: str
+
+
+def parse_memory(text: str) -> int:
+    """'4GB', '512MB', '1.5GiB', '800M' → bytes (powers of 1024)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise RetrievalError(f"cannot read memory size {text!r}: write it like 4GB or 512MB")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * 1024**power)
+
+
+def nlist_for(n: int) -> int:
+    """A power of two near 4·√n, small enough that k-means has ≥ 39 training points per centroid."""
+    nlist = 2 ** round(math.log2(max(4 * math.sqrt(n), 1)))
+    while nlist > 1 and n < 39 * nlist:
+        nlist //= 2
+    return max(nlist, 1)
+
+
+def pq_m_for(dim: int) -> int:
+    """The largest sub-quantizer count that divides dim and keeps ≥ 2 dims per sub-vector."""
+    for m in (128, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1):
+        if dim % m == 0 and dim // m >= 2:
+            return m
+    return 1
+
+
+def estimate_bytes(key: str, n: int, dim: int) -> int:
+    """Rough resident size of an index built with `key` (autofaiss-style estimates)."""
+    ivf = re.match(r"IVF(\d+)", key)
+    coarse = int(ivf.group(1)) * dim * 4 if ivf else 0
+    if key == "Flat":
+        return n * (4 * dim + ID_MAP_BYTES)
+    if key.startswith("HNSW"):
+        m = int(re.match(r"HNSW(\d+)", key).group(1))
+        return n * (4 * dim + 2 * m * 4 + ID_MAP_BYTES)
+    if key.endswith(",Flat"):
+        return n * (4 * dim + 8) + coarse
+    pq = re.search(r"PQ(\d+)x(\d+)", key)
+    if pq:
+        code = math.ceil(int(pq.group(1)) * int(pq.group(2)) / 8)
+        refine = dim if "Refine(SQ8)" in key else 0
+        return n * (code + 8 + refine + (ID_MAP_BYTES if refine else 0)) + coarse
+    if key.endswith(",SQ8"):
+        return n * (dim + 8) + coarse
+    return n * 4 * dim + coarse
+
+
+def choose_index(n: int, dim: int, memory_budget: int, gpu: bool = False) -> IndexChoice:
+    """Exact for small stores; HNSW, IVF-Flat, then IVF-PQ (with SQ8 re-ranking) as size and memory demand."""
+    if n <= 0:
+        raise RetrievalError("cannot build an index over an empty store")
+    nlist = nlist_for(n)
+    m = pq_m_for(dim)
+    candidates = []
+    if n <= EXACT_MAX or gpu:
+        candidates.append(("Flat", f"exact search: {n} vectors" + (" on the GPU" if gpu else "")))
+    if n <= HNSW_MAX and not gpu:
+        candidates.append((f"HNSW{HNSW_M}", f"{n} vectors fit in memory: HNSW graph, no training"))
+    candidates += [
+        (f"IVF{nlist},Flat", f"{n} vectors: inverted lists over {nlist} clusters"),
+        (f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)", "memory-bound: PQ fast-scan codes re-ranked with 8-bit vectors"),
+        (f"IVF{nlist},PQ{m}x4fs", "memory-bound: PQ fast-scan codes only"),
+    ]
+    for key, reason in candidates:
+        size = estimate_bytes(key, n, dim)
+        if size <= memory_budget:
+            return IndexChoice(key, size, reason)
+    smallest = estimate_bytes(candidates[-1][0], n, dim)
+    raise RetrievalError(f"memory budget of {memory_budget / 2**20:.0f} MiB is too small for {n} vectors of "
+                         f"dimension {dim}: the most compressed index needs about {smallest / 2**20:.0f} MiB")

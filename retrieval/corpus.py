@@ -1,0 +1,229 @@
+"""Reading a corpus — a .jsonl/.csv/.parquet manifest or a folder of images — into checked rows.
+
+Every source row keeps its `position`; rows that cannot be used carry an `error` (the reason) instead
+of being dropped, so the encode job can report them in errors.parquet.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from retrieval.errors import RetrievalError
+from retrieval.files import sha256_file
+from retrieval.images import IMAGE_SUFFIXES
+
+MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
+RESERVED_COLUMNS = ("row", "embedding", "position", "error")
+MAX_TEXT_CHARS = 20_000
+
+
+@dataclass
+class Corpus:
+    """A read corpus: `table` has position, id, image (absolute path), text, error, and metadata columns."""
+
+    source: Path
+    table: pa.Table
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        return [c for c in self.table.column_names if c not in ("position", "id", "image", "text", "error")]
+
+
+def is_corpus(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() or path.suffix.lower() in MANIFEST_SUFFIXES
+
+
+def read_corpus(path: str | os.PathLike, max_text_chars: int = MAX_TEXT_CHARS) -> Corpus:
+    """Read and check a corpus; raises RetrievalError only when the whole source is unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise RetrievalError(f"corpus not found: {path}")
+    if path.is_dir():
+        records, fingerprint = _read_folder(path), _folder_fingerprint(path)
+        root = path
+    else:
+        suffix = path.suffix.lower()
+        readers = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
+        if suffix not in readers:
+            raise RetrievalError(f"unsupported corpus {path}: use a folder or a {'/'.join(MANIFEST_SUFFIXES)} file")
+        records, fingerprint = readers[suffix](path), sha256_file(path)
+        root = path.parent
+    rows = _check_rows(records, root.resolve(), max_text_chars)
+    if not rows:
+        raise RetrievalError(f"corpus {path} has no rows")
+    return Corpus(source=path.resolve(), table=_to_table(rows), fingerprint=fingerprint)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.decode("utf-8", errors="surrogateescape").strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                records.append({"error": f"broken manifest row (line {number}): invalid JSON: {e.msg}"})
+                continue
+            if not isinstance(record, dict):
+                records.append({"error": f"broken manifest row (line {number}): not a JSON object"})
+                continue
+            records.append(record)
+    return records
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise RetrievalError(f"corpus {path} is empty") from None
+        records = []
+        for values in reader:
+            if not values:
+                continue
+            if len(values) != len(header):
+                records.append({"error": f"broken manifest row (line {reader.line_num}): "
+                                         f"{len(values)} fields, the header has {len(header)}"})
+                continue
+            records.append({k: (v if v != "" else None) for k, v in zip(header, values)})
+    for column in set(header) - {"id", "image", "text"}:
+        _infer_number_column(records, column)
+    return records
+
+
+def _infer_number_column(records: list[dict[str, Any]], column: str) -> None:
+    """CSV values are strings; make a column numeric when every value in it parses as one."""
+    values = [r[column] for r in records if "error" not in r and r.get(column) is not None]
+    for kind in (int, float):
+        try:
+            parsed = [kind(v) for v in values]
+        except (ValueError, TypeError):
+            continue
+        it = iter(parsed)
+        for r in records:
+            if "error" not in r and r.get(column) is not None:
+                r[column] = next(it)
+        return
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise RetrievalError(f"cannot read corpus {path}: {e}") from None
+
+
+def _read_folder(root: Path) -> list[dict[str, Any]]:
+    records = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        record: dict[str, Any] = {"id": rel, "image": rel}
+        sidecar = path.with_suffix(".txt")
+        if sidecar.is_file():
+            record["text"] = sidecar.read_bytes().decode("utf-8", errors="surrogateescape").strip()
+        records.append(record)
+    if not records:
+        raise RetrievalError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+    return records
+
+
+def _folder_fingerprint(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _has_bad_utf8(value: Any) -> bool:
+    return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
+def _check_rows(records: list[dict[str, Any]], root: Path, max_text_chars: int) -> list[dict[str, Any]]:
+    """Give each record its position, id, absolute image path and an error (or None)."""
+    first_seen: dict[str, int] = {}
+    rows = []
+    for position, record in enumerate(records):
+        clash = [c for c in RESERVED_COLUMNS if c in record and not (c == "error" and len(record) == 1)]
+        if clash:
+            raise RetrievalError(f"corpus column {clash[0]!r} is reserved by the embedding store; rename it")
+        row = {"position": position, **record}
+        row.setdefault("error", None)
+        rid = row.get("id")
+        row["id"] = str(position) if rid is None else str(rid)
+        image, text = row.get("image"), row.get("text")
+        if row["error"] is None:
+            row["error"] = _row_error(row, image, text, max_text_chars, first_seen)
+        if row["error"] is None:
+            first_seen[row["id"]] = position
+        row["image"] = str(root / image) if isinstance(image, str) and image.strip() else None
+        row["text"] = text if isinstance(text, str) else None
+        for key, value in row.items():
+            if _has_bad_utf8(value):  # keep the row (with its error) storable: arrow needs valid UTF-8
+                row[key] = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        rows.append(row)
+    return rows
+
+
+def _row_error(row: dict, image: Any, text: Any, max_chars: int, first_seen: dict[str, int]) -> str | None:
+    if any(_has_bad_utf8(v) for v in row.values()):
+        return "text is not valid UTF-8"
+    if row["id"] in first_seen:
+        return f"duplicate id {row['id']!r} (first at position {first_seen[row['id']]})"
+    if image is not None and not isinstance(image, str):
+        return f"image must be a path string, got {type(image).__name__}"
+    if text is not None and not isinstance(text, str):
+        return f"text must be a string, got {type(text).__name__}"
+    has_image = isinstance(image, str) and image.strip() != ""
+    if text is not None and len(text) > max_chars:
+        return f"text too long: {len(text)} characters > limit {max_chars}"
+    if not has_image and (text is None or not text.strip()):
+        return "empty text and no image" if text is not None else "item has neither image nor text"
+    return None
+
+
+def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Build the table; a metadata column whose values mix types is kept as strings."""
+    columns: dict[str, set[type]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if value is not None:
+                columns.setdefault(key, set()).add(type(value))
+    for key, types in columns.items():
+        if len(types - {int, float}) > 0 and len(types) > 1:
+            for row in rows:
+                if row.get(key) is not None and not isinstance(row[key], str):
+                    row[key] = json.dumps(row[key]) if isinstance(row[key], (dict, list)) else str(row[key])
+    fixed = {"position": pa.int64(), "id": pa.string(), "image": pa.string(), "text": pa.string(),
+             "error": pa.string()}
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise RetrievalError(f"corpus metadata cannot be stored: {e}") from None
+    for name, typ in fixed.items():
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, typ))
+        elif table.schema.field(name).type != typ:
+            table = table.set_column(table.column_names.index(name), name, table[name].cast(typ))
+    order = list(fixed) + [c for c in table.column_names if c not in fixed]
+    return table.select(order)
+

@@ -1,0 +1,285 @@
+"""The encode job: corpus → embedding store, resumable, with background Parquet writes.
+
+Reader: worker processes of a torch DataLoader load images and run `encoder.prepare`.
+Mapper: the main process embeds each batch on the device.
+Writer: a thread assembles parts and commits them (part file, errors.parquet, then manifest.json,
+each written atomically). The plan is deterministic — part i always covers corpus positions
+[i·part_size, (i+1)·part_size) — so a killed job rerun with the same command resumes after the
+last committed part and ends with every item exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval.corpus import Corpus, read_corpus
+from retrieval.errors import RetrievalError
+from retrieval.files import atomic_path
+from retrieval.images import ImageReadError, load_image
+from retrieval.store import DTYPES, ERRORS, FORMAT, MANIFEST, VERSION, embedding_array, part_name, write_part
+from retrieval.store import write_manifest as commit_manifest
+
+
+@dataclass
+class EncodeSummary:
+    store: Path
+    items: int
+    encoded: int
+    errors: int
+    seconds: float
+    error_reasons: dict[str, int] = field(default_factory=dict)
+    resumed_from: int = 0
+
+    @property
+    def items_per_second(self) -> float:
+        done = self.items - self.resumed_from
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"store {self.store}: {self.encoded} items encoded, {self.errors} skipped "
+               f"({self.items} in the corpus)"]
+        if self.resumed_from:
+            out.append(f"resumed after {self.resumed_from} items already committed")
+        out.append(f"{self.seconds:.1f} s, {self.items_per_second:.1f} items/s")
+        out += [f"  skipped: {n} × {reason}" for reason, n in sorted(self.error_reasons.items())]
+        return out
+
+
+class PreparedItems:
+    """Map-style dataset over corpus positions; runs in loader workers."""
+
+    def __init__(self, corpus: Corpus, encoder):
+        t = corpus.table
+        self.ids = t["id"].to_pylist()
+        self.images = t["image"].to_pylist()
+        self.texts = t["text"].to_pylist()
+        self.errors = t["error"].to_pylist()
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, position: int) -> tuple[int, Any]:
+        if self.errors[position] is not None:
+            return position, self.errors[position]
+        try:
+            image = load_image(self.images[position]) if self.images[position] else None
+            return position, self.encoder.prepare(image, self.texts[position])
+        except ImageReadError as e:
+            return position, str(e)
+        except Exception as e:  # a bad item must never stop the job; its reason is kept
+            return position, f"cannot prepare item: {type(e).__name__}: {e}"
+
+    def collate(self, items: list[tuple[int, Any]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
+        good = [(p, x) for p, x in items if not isinstance(x, str)]
+        bad = [(p, x) for p, x in items if isinstance(x, str)]
+        batch = self.encoder.collate([x for _, x in good]) if good else None
+        return [p for p, _ in good], batch, bad
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def reason_kind(reason: str) -> str:
+    """The reason without its specifics, for counting: 'image not found: a.jpg' → 'image not found'."""
+    return reason.split(":")[0].split(" (")[0].strip()
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model: str,
+                  batch_size: int = 256, workers: int | None = None, device: str = "auto",
+                  dtype: str = "float32", strict: bool = False, part_size: int = 10_000,
+                  progress: bool = True) -> EncodeSummary:
+    """Encode a corpus into an embedding store at `out`, resuming a previous run of the same job."""
+    import torch
+    from tqdm import tqdm
+
+    from retrieval.encoders import load_encoder
+
+    if dtype not in DTYPES:
+        raise RetrievalError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
+    if batch_size <= 0 or part_size <= 0:
+        raise RetrievalError("--batch-size and --part-size must be positive")
+    started = time.perf_counter()
+    corpus = read_corpus(corpus_path)
+    encoder = load_encoder(model, device=device)
+    out = Path(out)
+    manifest = _start_or_resume(out, corpus, encoder, dtype, part_size)
+    n = len(corpus)
+    done_parts = len(manifest["parts"])
+    start = min(done_parts * part_size, n)
+    errors = _committed_errors(out, start)
+    if strict and errors:
+        raise RetrievalError(f"--strict: item {errors[0]['id']!r}: {errors[0]['error']}")
+    plan = [(p, list(range(lo, min(lo + batch_size, (p + 1) * part_size, n))))
+            for p in range(done_parts, -(-n // part_size))
+            for lo in range(p * part_size, min((p + 1) * part_size, n), batch_size)]
+    workers = default_workers() if workers is None else workers
+
+    writer = _PartWriter(out, corpus, manifest, dtype, errors)
+    dataset = PreparedItems(corpus, encoder)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=[positions for _, positions in plan], num_workers=workers,
+        collate_fn=dataset.collate, worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None)
+    bar = tqdm(total=n, initial=start, unit="item", desc=f"encode {encoder.name}",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for (part, positions), (good, batch, bad) in zip(plan, loader):
+            if strict and bad:
+                raise RetrievalError(f"--strict: item {dataset.ids[bad[0][0]]!r}: {bad[0][1]}")
+            vectors = encoder.embed(batch).numpy() if batch is not None else np.zeros((0, encoder.dim))
+            last = positions[-1] == min((part + 1) * part_size, n) - 1
+            writer.put(part, good, vectors, bad, last)
+            bar.update(len(positions))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    manifest = writer.manifest
+    if not (out / ERRORS).is_file():
+        write_errors(out, writer.errors)
+    manifest["complete"] = True
+    commit_manifest(out, manifest)
+    reasons = Counter(reason_kind(e["error"]) for e in writer.errors)
+    return EncodeSummary(store=out, items=n, encoded=manifest["count"], errors=len(writer.errors),
+                         seconds=time.perf_counter() - started, error_reasons=dict(reasons),
+                         resumed_from=start)
+
+
+def _start_or_resume(out: Path, corpus: Corpus, encoder, dtype: str, part_size: int) -> dict[str, Any]:
+    """Return the committed manifest of this same job, or a fresh one; refuse a folder of another job."""
+    job = {"corpus": {"source": str(corpus.source), "fingerprint": corpus.fingerprint, "items": len(corpus)},
+           "dtype": dtype, "part_size": part_size}
+    if (out / MANIFEST).is_file():
+        from retrieval.store import EmbeddingStore
+
+        manifest = EmbeddingStore(out).manifest
+        same = (manifest["corpus"]["fingerprint"] == corpus.fingerprint
+                and manifest["encoder"]["weights_sha256"] == encoder.weights_sha256
+                and manifest["dtype"] == dtype and manifest["part_size"] == part_size)
+        if not same:
+            raise RetrievalError(f"{out} holds a store of another corpus, model, dtype or part size; "
+                                 "use a new --out folder")
+    elif out.exists() and any(out.iterdir()):
+        raise RetrievalError(f"{out} exists and is not an embedding store; use a new or empty --out folder")
+    else:
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest = {"format": FORMAT, "version": VERSION, "encoder": encoder.describe(), "dim": encoder.dim,
+                    **job, "normalized": True, "metadata_columns": corpus.metadata_columns,
+                    "parts": [], "count": 0, "errors": 0, "complete": False, "created": now}
+        out.mkdir(parents=True, exist_ok=True)
+        commit_manifest(out, manifest)
+    committed = {p["file"] for p in manifest["parts"]}
+    for path in out.glob("part-*.parquet"):  # written by a killed run but never committed
+        if path.name not in committed:
+            path.unlink()
+    for path in out.glob(".*.tmp-*"):
+        path.unlink()
+    return manifest
+
+
+def _committed_errors(out: Path, start: int) -> list[dict[str, Any]]:
+    path = out / ERRORS
+    if not path.is_file():
+        return []
+    return [e for e in pq.read_table(path).to_pylist() if e["position"] < start]
+
+
+class _PartWriter:
+    """A background thread that builds and commits parts in order while the next batches are embedded."""
+
+    def __init__(self, out: Path, corpus: Corpus, manifest: dict[str, Any], dtype: str,
+                 errors: list[dict[str, Any]]):
+        self.out, self.corpus, self.manifest, self.dtype = out, corpus, manifest, dtype
+        self.errors = errors
+        self.columns = [c for c in corpus.table.column_names if c not in ("position", "error")]
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.failure: BaseException | None = None
+        self.pending: list[tuple[list[int], np.ndarray, list[tuple[int, str]]]] = []
+        self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, part: int, good: list[int], vectors: np.ndarray, bad: list[tuple[int, str]],
+            last: bool) -> None:
+        if self.failure:
+            raise self.failure
+        self.queue.put((part, good, vectors, bad, last))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.failure:
+            raise self.failure
+
+    def abort(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=60)
+
+    def _run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                part, good, vectors, bad, last = item
+                self.pending.append((good, vectors, bad))
+                if last:
+                    self._commit(part)
+                    self.pending = []
+        except BaseException as e:  # surfaced in the main thread by put/close
+            self.failure = e
+            while self.queue.get() is not None:
+                pass
+
+    def _commit(self, part: int) -> None:
+        positions = [p for good, _, _ in self.pending for p in good]
+        bad = [b for _, _, batch_bad in self.pending for b in batch_bad]
+        first_row = self.manifest["count"]
+        entry: dict[str, Any] = {"file": part_name(part), "count": len(positions),
+                                 "rows": [first_row, first_row + len(positions)],
+                                 "positions": [part * self.manifest["part_size"],
+                                               part * self.manifest["part_size"] + len(positions) + len(bad)],
+                                 "errors": len(bad), "sha256": None}
+        if positions:
+            table = self.corpus.table.take(pa.array(positions, pa.int64())).select(self.columns)
+            vectors = np.concatenate([v for _, v, _ in self.pending if len(v)])
+            table = table.add_column(0, "row", pa.array(np.arange(*entry["rows"], dtype=np.int64)))
+            table = table.append_column("embedding", embedding_array(vectors, self.dtype))
+            table = table.replace_schema_metadata({"retrieval.dim": str(vectors.shape[1]),
+                                                   "retrieval.dtype": self.dtype})
+            entry["sha256"] = write_part(self.out / entry["file"], table)
+        if bad:
+            t = self.corpus.table
+            self.errors += [{"position": p, "id": t["id"][p].as_py(), "image": t["image"][p].as_py(),
+                             "text": t["text"][p].as_py(), "error": reason} for p, reason in bad]
+            write_errors(self.out, self.errors)
+        self.manifest["parts"].append(entry)
+        self.manifest["count"] = entry["rows"][1]
+        self.manifest["errors"] = len(self.errors)
+        self.manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        commit_manifest(self.out, self.manifest)
+
+
+def write_errors(out: Path, errors: list[dict[str, Any]]) -> None:
+    schema = pa.schema([("position", pa.int64()), ("id", pa.string()), ("image", pa.string()),
+                        ("text", pa.string()), ("error", pa.string())])
+    with atomic_path(out / ERRORS) as tmp:
+        pq.write_table(pa.Table.from_pylist(errors, schema=schema), tmp)

@@ -1,0 +1,162 @@
+"""The encoder interface every family implements: prepare (in loader workers), embed (batched, on device)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from retrieval.errors import RetrievalError
+from retrieval.files import atomic_path, write_json
+from retrieval.images import load_image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class EncoderConfig:
+    """One named model: its family, output size, preprocessing and family-specific hyper-parameters."""
+
+    name: str
+    family: str
+    dim: int
+    image_size: int = 224
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    context_length: int = 77
+    model: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    checkpoint: str | None = None
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RetrievalError(f"unknown encoder config keys: {', '.join(unknown)}")
+        data = dict(data)
+        for key in ("mean", "std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Encoder:
+    """A model plus its preprocessing. Subclasses build `model` and implement `prepare` and `forward`.
+
+    `prepare(image, text)` runs in data-loader workers and returns CPU tensors for one item;
+    `collate` stacks them; `embed` runs the batch on the device and returns unit vectors.
+    An item may have an image, a text or both.
+    """
+
+    fusion: str = "early"
+
+    def __init__(self, config: EncoderConfig, model: torch.nn.Module, device: str = "cpu",
+                 checkpoint: str | None = None):
+        self.config = config
+        self.model = model.eval().to(device)
+        self.device = device
+        self.checkpoint = checkpoint
+        self._weights_sha256: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @classmethod
+    def build_model(cls, config: EncoderConfig) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def prepare(self, image: Image.Image | None, text: str | None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch)
+
+    @torch.inference_mode()
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embed a collated batch on the device (autocast on CUDA); returns float32 unit vectors on the CPU."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda")
+                    else contextlib.nullcontext())
+        with autocast:
+            out = self.forward(batch)
+        return F.normalize(out.float(), dim=-1).cpu()
+
+    def encode(self, images: list | None = None, texts: list[str | None] | None = None,
+               batch_size: int = 64) -> np.ndarray:
+        """Embed images (PIL images or paths), texts, or aligned pairs of both; returns float32 [n, dim]."""
+        if images is None and texts is None:
+            raise RetrievalError("encode needs images, texts or both")
+        n = len(images) if images is not None else len(texts)
+        if images is not None and texts is not None and len(texts) != n:
+            raise RetrievalError(f"encode got {n} images but {len(texts)} texts")
+        images = images if images is not None else [None] * n
+        texts = texts if texts is not None else [None] * n
+        out = []
+        for start in range(0, n, batch_size):
+            items = []
+            for img, txt in zip(images[start:start + batch_size], texts[start:start + batch_size]):
+                if img is not None and not isinstance(img, Image.Image):
+                    img = load_image(img)
+                items.append(self.prepare(img, txt))
+            out.append(self.embed(self.collate(items)).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    @property
+    def weights_sha256(self) -> str:
+        """A checksum of the weights, recorded in stores and indexes to catch a changed model."""
+        if self._weights_sha256 is None:
+            h = hashlib.sha256()
+            for key, tensor in sorted(self.model.state_dict().items()):
+                h.update(key.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._weights_sha256 = h.hexdigest()
+        return self._weights_sha256
+
+    def describe(self) -> dict[str, Any]:
+        """What stores and indexes record about the encoder that made them."""
+        return {
+            "name": self.name,
+            "family": self.config.family,
+            "dim": self.dim,
+            "fusion": self.fusion,
+            "checkpoint": self.checkpoint,
+            "weights_sha256": self.weights_sha256,
+            "config": self.config.to_dict(),
+        }
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write our checkpoint format: config.json + model.safetensors."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(state, str(tmp))
+        config = self.config.to_dict() | {"checkpoint": None}
+        write_json(out / "config.json", config)
+        return out
+

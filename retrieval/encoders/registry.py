@@ -1,0 +1,93 @@
+"""Named encoder configs (one JSON file per model) and the one factory, `load_encoder`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import cache
+from pathlib import Path
+
+from retrieval.encoders.base import Encoder, EncoderConfig
+from retrieval.errors import RetrievalError
+from retrieval.files import read_json
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
+
+# family -> "module:Class"; a family module is imported only when one of its models is loaded
+FAMILIES = {
+    "test": "retrieval.encoders.test_tiny:TinyTestEncoder",
+}
+
+
+@cache
+def list_configs() -> dict[str, EncoderConfig]:
+    """Every registered model, by name, sorted."""
+    configs = {}
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        config = EncoderConfig.from_dict(read_json(path))
+        if config.name != path.stem:
+            raise RetrievalError(f"{path}: config name {config.name!r} differs from the file name")
+        configs[config.name] = config
+    return dict(sorted(configs.items()))
+
+
+def get_config(name: str) -> EncoderConfig:
+    configs = list_configs()
+    if name not in configs:
+        raise RetrievalError(f"unknown model {name!r}; registered models: {', '.join(configs)}")
+    return configs[name]
+
+
+def family_class(family: str) -> type[Encoder]:
+    if family not in FAMILIES:
+        raise RetrievalError(f"unknown encoder family {family!r}; known: {', '.join(FAMILIES)}")
+    module, cls = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def default_checkpoint(config: EncoderConfig) -> Path | None:
+    """The bundled checkpoint folder of a registered model, or None for random-init test models."""
+    if not config.checkpoint:
+        return None
+    path = Path(config.checkpoint)
+    return path if path.is_absolute() else CHECKPOINT_DIR / path
+
+
+def load_encoder(name_or_checkpoint: str | os.PathLike, device: str = "auto") -> Encoder:
+    """Build an encoder from a registered name or a checkpoint folder (config.json + model.safetensors)."""
+    import torch
+
+    from retrieval.devices import resolve_device
+
+    device = resolve_device(device)
+    path = Path(name_or_checkpoint)
+    if (path / "config.json").is_file():
+        config = EncoderConfig.from_dict(read_json(path / "config.json"))
+        checkpoint: Path | None = path
+    elif str(name_or_checkpoint) in list_configs():
+        config = get_config(str(name_or_checkpoint))
+        checkpoint = default_checkpoint(config)
+    elif path.exists():
+        raise RetrievalError(f"{path} is not a checkpoint folder: it has no config.json")
+    else:
+        get_config(str(name_or_checkpoint))  # raises with the list of registered models
+        raise AssertionError("unreachable")
+    cls = family_class(config.family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = cls.build_model(config)
+    if checkpoint is not None:
+        weights = checkpoint / "model.safetensors"
+        if not weights.is_file():
+            raise RetrievalError(f"checkpoint {checkpoint} has no model.safetensors")
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RetrievalError(
+                f"checkpoint {checkpoint} does not fit model {config.name!r}: "
+                f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+            )
+    return cls(config, model, device=device, checkpoint=str(checkpoint.resolve()) if checkpoint else None)

@@ -1,0 +1,112 @@
+"""`retrieval index build`: an embedding store (or a corpus, encoded first) → index.faiss + index.json."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from retrieval.errors import RetrievalError
+from retrieval.files import atomic_path, write_json
+from retrieval.store import EmbeddingStore
+
+INDEX_FILE = "index.faiss"
+INDEX_JSON = "index.json"
+INDEX_FORMAT = "retrieval.index"
+RECALL_QUERIES = 1000
+
+
+def store_location(store: Path, index_dir: Path) -> str:
+    """Record the store relative to the index folder when it lives inside it, so the folder can move."""
+    store, index_dir = store.resolve(), index_dir.resolve()
+    return store.relative_to(index_dir).as_posix() if store.is_relative_to(index_dir) else str(store)
+
+
+def open_source(source: str | os.PathLike, out: Path, model: str | None, encode_options: dict[str, Any],
+                progress: bool) -> EmbeddingStore:
+    """The store to index: SOURCE itself, or SOURCE (a corpus) encoded with --model into OUT/store."""
+    from retrieval.corpus import is_corpus
+
+    source = Path(source)
+    if EmbeddingStore.is_store(source):
+        store = EmbeddingStore(source)
+        if model and model != store.encoder["name"] and Path(model).resolve() != Path(
+                store.encoder["checkpoint"] or "").resolve():
+            raise RetrievalError(f"store {source} was encoded with {store.encoder['name']!r}, not {model!r}; "
+                                 "drop --model or encode the corpus again")
+        return store
+    if not source.exists():
+        raise RetrievalError(f"source not found: {source}")
+    if not is_corpus(source):
+        raise RetrievalError(f"{source} is neither an embedding store nor a corpus (folder, .jsonl, .csv, .parquet)")
+    if not model:
+        raise RetrievalError("SOURCE is a corpus: give --model to encode it first")
+    from retrieval.encode import encode_corpus
+
+    summary = encode_corpus(source, out / "store", model, progress=progress, **encode_options)
+    if progress:
+        print("\n".join(summary.lines()))
+    return EmbeddingStore(out / "store")
+
+
+def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
+                       index_key: str = "auto", device: str = "auto", memory_budget: str = "4GB",
+                       target_recall: float = 0.95, progress: bool = True,
+                       encode_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build an index folder and return what index.json records."""
+    import faiss
+
+    from indexers.build import build_index
+    from indexers.choose import IndexChoice, choose_index, estimate_bytes, parse_memory
+    from indexers.gpu import resolve_faiss_device
+
+    out = Path(out)
+    started = time.perf_counter()
+    store = open_source(source, out, model, encode_options or {}, progress)
+    store.require_complete()
+    n, dim = store.count, store.dim
+    if n == 0:
+        raise RetrievalError(f"store {store.path} holds no vectors (every item was skipped: see errors.parquet)")
+    budget = parse_memory(memory_budget)
+    notes: list[str] = []
+    gpu = resolve_faiss_device(device, notes) == "cuda"
+    if index_key == "auto":
+        choice = choose_index(n, dim, budget, gpu=gpu)
+    else:
+        choice = IndexChoice(index_key, estimate_bytes(index_key, n, dim), "given with --index-key")
+    built = build_index(store.iter_batches, n, dim, choice.key,
+                        sample_vectors=lambda m: store.sample(m, seed=1)[1],
+                        recall_queries=store.sample(RECALL_QUERIES, seed=2)[1],
+                        device=device, target_recall=target_recall, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / INDEX_FILE) as tmp:
+        faiss.write_index(built.index, str(tmp))
+    info = {
+        "format": INDEX_FORMAT,
+        "version": 1,
+        "index_key": choice.key,
+        "factory": built.factory,
+        "choice": choice.reason,
+        "search_params": built.params,
+        "metric": "inner_product",
+        "count": n,
+        "dim": dim,
+        "ann_recall@10": round(built.ann_recall, 4),
+        "ann_recall_queries": built.recall_queries,
+        "target_recall": target_recall,
+        "memory_budget": memory_budget,
+        "estimated_bytes": choice.bytes,
+        "index_bytes": (out / INDEX_FILE).stat().st_size,
+        "store": {"path": store_location(store.path, out), "fingerprint": store.fingerprint(), "count": n},
+        "encoder": store.encoder,
+        "faiss_version": faiss.__version__,
+        "device": built.device,
+        "seconds": {k: round(v, 3) for k, v in built.seconds.items()}
+        | {"total": round(time.perf_counter() - started, 3)},
+        "notes": list(dict.fromkeys(notes + built.notes)),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out / INDEX_JSON, info)
+    return info

@@ -1,0 +1,216 @@
+"""The query layer: `open_index(DIR).search(image=..., text=..., k=..., where=...)`.
+
+A query is embedded by the encoder recorded in index.json. A `where` filter (a DuckDB predicate over
+the store's columns) picks the allowed rows: few → exact search over just them; many → FAISS with an
+id selector (or over-fetch and filter where the index cannot take a selector, e.g. on the GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import RetrievalError
+from retrieval.files import read_json
+from retrieval.indexing import INDEX_FILE, INDEX_FORMAT, INDEX_JSON
+from retrieval.store import EmbeddingStore
+
+EXACT_FILTER_MAX = 20_000  # allowed rows up to this are searched exactly
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    row: int
+    id: str
+    image: str | None
+    text: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "score": self.score, "id": self.id, "row": self.row, "image": self.image,
+                "text": self.text, **self.metadata}
+
+
+class SearchIndex:
+    """An index folder opened for queries, with its store and encoder checked against index.json."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", model: str | None = None):
+        import faiss
+
+        from retrieval.encoders import load_encoder
+        from retrieval.encoders.registry import list_configs
+
+        self.path = Path(path)
+        if not (self.path / INDEX_JSON).is_file():
+            raise RetrievalError(f"{self.path} is not an index folder (no {INDEX_JSON}); "
+                                 "build one with `retrieval index build`")
+        self.info = read_json(self.path / INDEX_JSON)
+        if self.info.get("format") != INDEX_FORMAT:
+            raise RetrievalError(f"{self.path / INDEX_JSON} is not an index manifest")
+        store_path = Path(self.info["store"]["path"])
+        self.store = EmbeddingStore(store_path if store_path.is_absolute() else self.path / store_path)
+        if self.store.fingerprint() != self.info["store"]["fingerprint"]:
+            raise RetrievalError(f"the store {self.store.path} changed since this index was built; "
+                                 f"rebuild it with `retrieval index build {self.store.path} --out {self.path}`")
+        recorded = self.info["encoder"]
+        if model is None:
+            checkpoint = recorded.get("checkpoint")
+            if checkpoint and (Path(checkpoint) / "config.json").is_file():
+                model = checkpoint
+            elif recorded["name"] in list_configs():
+                model = recorded["name"]
+            else:
+                raise RetrievalError(f"the encoder of this index, {recorded['name']!r} "
+                                     f"(checkpoint {checkpoint}), is not available here")
+        self.encoder = load_encoder(model, device=device)
+        if self.encoder.weights_sha256 != recorded["weights_sha256"] or self.encoder.dim != self.info["dim"]:
+            raise RetrievalError(
+                f"encoder mismatch: this index was built with {recorded['name']!r} (dim {self.info['dim']}, "
+                f"weights {recorded['weights_sha256'][:12]}), but {model!r} is {self.encoder.name!r} "
+                f"(dim {self.encoder.dim}, weights {self.encoder.weights_sha256[:12]}); "
+                "rebuild the index with this encoder")
+        self.index = faiss.read_index(str(self.path / INDEX_FILE))
+        if self.index.d != self.info["dim"] or self.index.ntotal != self.info["count"]:
+            raise RetrievalError(f"{self.path / INDEX_FILE} does not match {INDEX_JSON}; rebuild the index")
+        if self.info.get("search_params"):
+            faiss.ParameterSpace().set_index_parameters(self.index, self.info["search_params"])
+        self.gpu_index = None
+        if self.encoder.device.startswith("cuda"):
+            from indexers.gpu import supports_gpu, to_gpu
+
+            if supports_gpu(self.index):
+                gpu_index, where = to_gpu(self.index, [])
+                self.gpu_index = gpu_index if where == "cuda" else None
+        self._metadata = None
+
+    @property
+    def metadata(self):
+        """The store's rows without vectors, loaded on first use; row r is at position r."""
+        if self._metadata is None:
+            self._metadata = self.store.metadata()
+        return self._metadata
+
+    def embed_query(self, image: str | os.PathLike | None = None, text: str | None = None) -> np.ndarray:
+        """The query vector [1, dim] for an image, a text, or both."""
+        text = text if text and text.strip() else None
+        if image is None and text is None:
+            raise RetrievalError("a query needs an image, a text, or both (--image / --text)")
+        return self.encoder.encode(images=[image] if image is not None else None,
+                                   texts=[text] if text is not None else None)
+
+    def search(self, image: str | os.PathLike | None = None, text: str | None = None, k: int = 10,
+               where: str | None = None) -> list[Hit]:
+        """The k best items for an image, a text or both, among rows matching `where` (SQL) if given."""
+        check_k(k)
+        query = self.embed_query(image, text)
+        scores, rows = self.search_vectors(query, k, where)
+        return self.hits(scores[0], rows[0])
+
+    def search_vectors(self, queries: np.ndarray, k: int, where: str | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, row ids) [m, k] for query vectors; missing results are -inf / -1."""
+        check_k(k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if where is None or not where.strip():
+            return self._index_search(queries, k)
+        allowed = self.filter_rows(where)
+        if len(allowed) <= max(EXACT_FILTER_MAX, k):
+            return self._exact_search(queries, allowed, k)
+        scores, rows = self._filtered_index_search(queries, allowed, k)
+        want = min(k, len(allowed))
+        if (rows[:, :want] < 0).any():  # the approximate search came up short: be exact instead
+            return self._exact_search(queries, allowed, k)
+        return scores, rows
+
+    def filter_rows(self, where: str) -> np.ndarray:
+        """Row ids whose metadata satisfy a DuckDB SQL predicate."""
+        import duckdb
+
+        con = duckdb.connect()
+        try:
+            con.register("store", self.metadata)
+            result = con.sql(f"SELECT row FROM store WHERE ({where}) ORDER BY row").fetchnumpy()
+        except duckdb.Error as e:
+            raise RetrievalError(f"invalid --where filter {where!r}: {str(e).splitlines()[0]}") from None
+        finally:
+            con.close()
+        return np.asarray(result["row"], dtype=np.int64)
+
+    def _index_search(self, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        from indexers.gpu import GPU_MAX_K
+
+        k = min(k, self.index.ntotal)
+        index = self.gpu_index if self.gpu_index is not None and k <= GPU_MAX_K and params is None \
+            else self.index
+        return index.search(queries, k, params=params) if params is not None else index.search(queries, k)
+
+    def _filtered_index_search(self, queries: np.ndarray, allowed: np.ndarray, k: int):
+        import faiss
+
+        params = selector_params(self.index, faiss.IDSelectorBatch(allowed), self.info.get("search_params"))
+        if params is not None:
+            return self._index_search(queries, k, params)
+        fetch = min(self.index.ntotal, math.ceil(2 * k * self.index.ntotal / len(allowed)))
+        scores, rows = self._index_search(queries, fetch)
+        keep = np.isin(rows, allowed)
+        out_s = np.full((len(queries), k), -np.inf, np.float32)
+        out_r = np.full((len(queries), k), -1, np.int64)
+        for q in range(len(queries)):
+            found = np.flatnonzero(keep[q])[:k]
+            out_s[q, : len(found)], out_r[q, : len(found)] = scores[q, found], rows[q, found]
+        return out_s, out_r
+
+    def _exact_search(self, queries: np.ndarray, allowed: np.ndarray, k: int):
+        scores = queries @ self.store.read_vectors(allowed).T if len(allowed) else np.zeros((len(queries), 0))
+        k_found = min(k, len(allowed))
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k_found]
+        out_s = np.full((len(queries), k_found), -np.inf, np.float32)
+        out_r = np.full((len(queries), k_found), -1, np.int64)
+        if k_found:
+            out_s[:] = np.take_along_axis(scores, top, axis=1)
+            out_r[:] = allowed[top]
+        return out_s, out_r
+
+    def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
+        """Results with their store rows; row r of the store is position r of the metadata table."""
+        valid = rows >= 0
+        scores, rows = scores[valid], rows[valid]
+        table = self.metadata.take(rows).to_pylist() if len(rows) else []
+        hits = []
+        for rank, (score, row) in enumerate(zip(scores, table), start=1):
+            meta = {k: v for k, v in row.items() if k not in ("row", "id", "image", "text")}
+            hits.append(Hit(rank=rank, score=float(score), row=int(row["row"]), id=row["id"],
+                            image=row.get("image"), text=row.get("text"), metadata=meta))
+        return hits
+
+
+def check_k(k: int) -> None:
+    if not isinstance(k, int) or k <= 0:
+        raise RetrievalError(f"k must be a positive integer, got {k}")
+
+
+def selector_params(index, selector, search_params: str | None):
+    """faiss SearchParameters carrying an id selector plus the tuned knob, or None if the type takes none."""
+    import faiss
+
+    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
+    knobs = dict(p.split("=") for p in search_params.split(",")) if search_params else {}
+    if isinstance(inner, faiss.IndexFlat):
+        return faiss.SearchParameters(sel=selector)
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(knobs.get("efSearch", 64)))
+    if isinstance(inner, faiss.IndexIVF) and not isinstance(index, faiss.IndexIDMap2):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(knobs.get("nprobe", 1)))
+    return None
+
+
+def open_index(path: str | os.PathLike, device: str = "auto", model: str | None = None) -> SearchIndex:
+    """Open an index folder made by `retrieval index build` for searching."""
+    return SearchIndex(path, device=device, model=model)
