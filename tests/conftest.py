@@ -1,0 +1,39 @@
+"""Shared fixtures: a small generated corpus and a runner for the installed `retrieval` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation.shapesworld import make_shapesworld
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests run on the CPU unless marked `cuda`
+RETRIEVAL = Path(sys.executable).with_name("retrieval")
+
+
+def run_cli(*args: str | os.PathLike, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed console script as a user would; returns the completed process (text output)."""
+    proc = subprocess.run([str(RETRIEVAL), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"retrieval {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def shapes_corpus(tmp_path_factory) -> Path:
+    """A 300-item ShapesWorld corpus (corpus.jsonl + images/), made once per test session."""
+    return make_shapesworld(tmp_path_factory.mktemp("shapes"), n=300, size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def shapes_store(shapes_corpus, tmp_path_factory) -> Path:
+    """The corpus encoded with test-tiny into an embedding store."""
+    from retrieval.encode import encode_corpus
+
+    out = tmp_path_factory.mktemp("store") / "store"
+    encode_corpus(shapes_corpus, out, "test-tiny", batch_size=64, workers=0, part_size=128, progress=False)
+    return out
