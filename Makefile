@@ -1,0 +1,25 @@
+# `make demo` sets up .venv and runs the main job on generated data; `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/retrieval: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0   # first and pinned: the CPU build; an unpinned torch pulls CUDA wheels
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+.PHONY: setup demo test lint
+setup: $(BIN)/retrieval
+
+demo: setup
+	$(BIN)/retrieval data make shapesworld --out demo/data --n 1000
+	$(BIN)/retrieval index build demo/data/corpus.jsonl --model test-tiny --out demo/index
+	$(BIN)/retrieval search --index demo/index --image demo/data/images/000007.png --text "rotate 90 degrees clockwise" -k 5
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
