@@ -48,7 +48,8 @@ def search_parameter(index) -> tuple[str, list[int]] | None:
     return None
 
 
-def tune(index, queries: np.ndarray, truth: np.ndarray, k: int, target: float) -> tuple[str, float]:
+def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int, target: float
+         ) -> tuple[str, float]:
     """Pick the cheapest setting whose k-recall@k on the sample reaches `target` (else the best one)."""
     import faiss
 
@@ -57,19 +58,24 @@ def tune(index, queries: np.ndarray, truth: np.ndarray, k: int, target: float) -
         else ""
     knob = search_parameter(index)
     if knob is None:
-        return base.rstrip(","), ann_recall(index.search(queries, k)[1], truth, k)
+        return base.rstrip(","), measure(index, queries, truth, k)
     name, values = knob
     best = ("", -1.0)
     for value in values:
         params = f"{base}{name}={value}"
         space.set_index_parameters(index, params)
-        recall = ann_recall(index.search(queries, k)[1], truth, k)
+        recall = measure(index, queries, truth, k)
         if recall > best[1]:
             best = (params, recall)
         if recall >= target:
             break
     space.set_index_parameters(index, best[0])
     return best
+
+
+def measure(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int) -> float:
+    scores, ids = index.search(queries, k)
+    return ann_recall(ids, scores, truth[1], truth[0], k)
 
 
 def build_index(batches: Batches, n: int, dim: int, key: str, sample_vectors: Callable[[int], np.ndarray],
@@ -111,7 +117,7 @@ def build_index(batches: Batches, n: int, dim: int, key: str, sample_vectors: Ca
 
     t = time.perf_counter()
     queries = np.ascontiguousarray(recall_queries, dtype=np.float32)
-    truth = exact_search(queries, batches, k)[1]
+    truth = exact_search(queries, batches, k)
     params, recall = tune(index, queries, truth, k, target_recall)
     seconds["tune"] = time.perf_counter() - t
     return BuiltIndex(index=index, key=key, factory=factory, params=params, ann_recall=recall,

@@ -28,7 +28,19 @@ def exact_search(queries: np.ndarray, batches: Batches, k: int) -> tuple[np.ndar
     return heap.D, heap.I
 
 
-def ann_recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """k-recall@k: the mean share of the exact top k that the index also returned in its top k."""
-    hits = [len(set(f[:k]) & set(t[:k]) - {-1}) / max(1, len(set(t[:k]) - {-1})) for f, t in zip(found, truth)]
-    return float(np.mean(hits)) if hits else 1.0
+def ann_recall(found: np.ndarray, found_scores: np.ndarray, truth: np.ndarray, truth_scores: np.ndarray,
+               k: int, tie: float = 1e-6) -> float:
+    """Tie-aware k-recall@k: the mean share of the k answers that belong in the exact top k.
+
+    An answer belongs when it is one of the exact top k, or when its score equals the exact k-th score
+    (within `tie`): with near-duplicate items the exact top k is one of several equally right sets.
+    """
+    shares = []
+    for f, fs, t, ts in zip(found[:, :k], found_scores[:, :k], truth[:, :k], truth_scores[:, :k]):
+        valid_t = t >= 0
+        if not valid_t.any():
+            continue
+        kth = ts[valid_t].min()
+        right = np.isin(f, t[valid_t]) | ((f >= 0) & (fs >= kth - tie))
+        shares.append(min(right.sum(), valid_t.sum()) / valid_t.sum())
+    return float(np.mean(shares)) if shares else 1.0
