@@ -89,6 +89,7 @@ def search(
         return
     if not hits:
         typer.echo("no results")
+        return
     rows = [("rank", "score", "id", "text", "image")]
     rows += [(str(h.rank), f"{h.score:.4f}", h.id, _clip(h.text or "", 60), h.image or "") for h in hits]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

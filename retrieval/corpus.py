@@ -21,7 +21,7 @@ from retrieval.files import sha256_file
 from retrieval.images import IMAGE_SUFFIXES
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
-RESERVED_COLUMNS = ("row", "embedding", "position", "error")
+RESERVED_COLUMNS = ("row", "embedding", "position", "error", "rank", "score")
 MAX_TEXT_CHARS = 20_000
 
 

@@ -56,7 +56,8 @@ class SearchIndex:
             raise RetrievalError(f"{self.path / INDEX_JSON} is not an index manifest")
         store_path = Path(self.info["store"]["path"])
         self.store = EmbeddingStore(store_path if store_path.is_absolute() else self.path / store_path)
-        if self.store.fingerprint() != self.info["store"]["fingerprint"]:
+        if self.store.fingerprint() != self.info["store"]["fingerprint"] or self.store.changed_parts(
+                self.info["store"].get("files", {})):
             raise RetrievalError(f"the store {self.store.path} changed since this index was built; "
                                  f"rebuild it with `retrieval index build {self.store.path} --out {self.path}`")
         recorded = self.info["encoder"]
@@ -119,7 +120,10 @@ class SearchIndex:
         check_k(k)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if where is None or not where.strip():
-            return self._index_search(queries, k)
+            scores, rows = self._index_search(queries, k)
+            if (rows[:, : min(k, self.index.ntotal)] < 0).any():  # an ANN index can come up short for a big k
+                return self._exact_search(queries, np.arange(self.index.ntotal, dtype=np.int64), k)
+            return scores, rows
         allowed = self.filter_rows(where)
         if len(allowed) <= max(EXACT_FILTER_MAX, k):
             return self._exact_search(queries, allowed, k)

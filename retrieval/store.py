@@ -95,6 +95,17 @@ class EmbeddingStore:
             h.update(f"{part['file']}:{part['count']}:{part['sha256']}\n".encode())
         return h.hexdigest()
 
+    def file_stats(self) -> dict[str, list[int]]:
+        """(size, mtime_ns) of each part file: a cheap first check that no part was rewritten."""
+        return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in self.part_paths}
+
+    def changed_parts(self, recorded: dict[str, list[int]]) -> list[str]:
+        """Parts whose file no longer matches its manifest checksum (hashing only those whose stat changed)."""
+        sha = {p["file"]: p["sha256"] for p in self.manifest["parts"]}
+        now = self.file_stats()
+        return [name for name, stat in now.items()
+                if stat != recorded.get(name) and sha256_file(self.path / name) != sha[name]]
+
     def require_complete(self) -> None:
         if not self.complete:
             raise RetrievalError(f"store {self.path} is incomplete: run the same `retrieval encode` "

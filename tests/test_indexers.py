@@ -1,0 +1,278 @@
+"""The `indexers` package on synthetic vectors: choosing an index, exact ground truth, building and tuning.
+
+No models here: low-rank unit vectors (z @ W + noise) stand in for embeddings, because on isotropic random
+vectors every neighbour is about as far as every other and ANN recall means nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from indexers.build import build_index, factory_string
+from indexers.choose import (
+    EXACT_MAX,
+    HNSW_MAX,
+    choose_index,
+    estimate_bytes,
+    nlist_for,
+    parse_memory,
+    pq_m_for,
+)
+from indexers.gpu import faiss_gpu_count
+from indexers.ground_truth import ann_recall, exact_search
+from retrieval.errors import RetrievalError
+
+faiss = pytest.importorskip("faiss")
+
+GiB, MiB = 2**30, 2**20
+
+
+def low_rank(n: int, dim: int = 64, rank: int = 16, noise: float = 0.1, seed: int = 0,
+             basis: np.ndarray | None = None) -> np.ndarray:
+    """n unit vectors near a rank-`rank` subspace (the same subspace for the same `basis`)."""
+    rng = np.random.default_rng(seed)
+    w = basis if basis is not None else np.random.default_rng(1234).standard_normal((rank, dim))
+    x = rng.standard_normal((n, rank)) @ w + noise * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def batches_of(ids: np.ndarray, vectors: np.ndarray, sizes: list[int] | int):
+    """A re-iterable `Batches` callable over (ids, vectors), cut at the given batch sizes."""
+    if isinstance(sizes, int):
+        sizes = [sizes] * math.ceil(len(ids) / sizes)
+    cuts = np.cumsum([0, *sizes])
+    assert cuts[-1] >= len(ids)
+
+    def batches():
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            if lo < len(ids):
+                yield ids[lo:hi], vectors[lo:hi]
+
+    return batches
+
+
+def brute_force(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int):
+    scores = queries @ vectors.T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, top, axis=1), ids[top]
+
+
+# ---------------------------------------------------------------------------------------------- choosing
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("4GB", 4 * GiB),
+    ("512MB", 512 * MiB),
+    ("1.5GiB", int(1.5 * GiB)),
+    ("800M", 800 * MiB),
+    ("4 gb", 4 * GiB),
+    ("2T", 2 * 1024 * GiB),
+    ("64KiB", 64 * 1024),
+    ("1000", 1000),
+])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "four GB", "4XB", "-1GB", "4 GB RAM", "1e9", "4GBB"])
+def test_parse_memory_rejects_bad_text(text):
+    with pytest.raises(RetrievalError, match="cannot read memory size"):
+        parse_memory(text)
+
+
+@pytest.mark.parametrize("n", [1, 10, 38, 39, 77, 78, 100, 1_000, 5_000, 12_345, 100_000, 1_000_000, 50_000_000])
+def test_nlist_for_keeps_39_training_points_per_list(n):
+    nlist = nlist_for(n)
+    assert nlist >= 1 and nlist & (nlist - 1) == 0, "a power of two"
+    assert nlist == 1 or n >= 39 * nlist
+    # not needlessly small either: near 4·√n unless the 39-point rule caps it
+    assert nlist >= min(4 * math.sqrt(n) / 2, n / 39 / 2) or nlist == 1
+
+
+def test_choose_index_by_size():
+    budget = parse_memory("64GB")
+    small = choose_index(1_000, 64, budget)
+    assert small.key == "Flat" and "exact" in small.reason
+    assert choose_index(EXACT_MAX, 768, budget).key == "Flat"
+    assert choose_index(EXACT_MAX + 1, 768, budget).key == "HNSW32"
+    assert choose_index(HNSW_MAX, 768, budget).key == "HNSW32"
+    big = choose_index(HNSW_MAX + 1, 768, budget)
+    assert big.key == f"IVF{nlist_for(HNSW_MAX + 1)},Flat"
+    huge = choose_index(20_000_000, 768, budget)
+    assert huge.key == f"IVF{nlist_for(20_000_000)},Flat"
+    # on the GPU exact search stays the choice far beyond EXACT_MAX, and HNSW (CPU only) never comes up
+    assert choose_index(5 * EXACT_MAX, 768, budget, gpu=True).key == "Flat"
+    assert not choose_index(20_000_000, 768, parse_memory("16GB"), gpu=True).key.startswith("HNSW")
+
+
+def test_choose_index_compresses_when_memory_is_tight():
+    n, dim = 2_000_000, 768
+    roomy = choose_index(n, dim, parse_memory("16GB"))
+    tight = choose_index(n, dim, parse_memory("2GB"))
+    tighter = choose_index(n, dim, parse_memory("512MB"))
+    assert roomy.key.endswith(",Flat")
+    assert "PQ" in tight.key and "Refine(SQ8)" in tight.key
+    assert "PQ" in tighter.key and "Refine" not in tighter.key
+    for choice, budget in ((roomy, "16GB"), (tight, "2GB"), (tighter, "512MB")):
+        assert choice.bytes == estimate_bytes(choice.key, n, dim) <= parse_memory(budget)
+        assert choice.key.startswith(f"IVF{nlist_for(n)},")
+        # every key the chooser can return is one FAISS can build
+        faiss.index_factory(dim, factory_string(choice.key), faiss.METRIC_INNER_PRODUCT)
+    assert roomy.bytes > tight.bytes > tighter.bytes
+
+
+def test_choose_index_refuses_a_budget_nothing_fits():
+    with pytest.raises(RetrievalError, match=r"memory budget of 100 MiB is too small for 2000000 vectors "
+                                             r"of dimension 768: the most compressed index needs about \d+ MiB"):
+        choose_index(2_000_000, 768, parse_memory("100MB"))
+    with pytest.raises(RetrievalError, match="empty store"):
+        choose_index(0, 64, parse_memory("4GB"))
+
+
+@pytest.mark.parametrize("budget", ["1MB", "10MB", "100MB", "1GB", "8GB", "64GB"])
+@pytest.mark.parametrize("n, dim", [(5_000, 64), (200_000, 512), (3_000_000, 768)])
+def test_chosen_index_fits_the_budget(n, dim, budget):
+    limit = parse_memory(budget)
+    try:
+        choice = choose_index(n, dim, limit)
+    except RetrievalError as e:
+        assert "too small" in str(e)
+        # refused only when even the most compressed candidate does not fit
+        assert estimate_bytes(f"IVF{nlist_for(n)},PQ{pq_m_for(dim)}x4fs", n, dim) > limit
+        return
+    assert choice.bytes == estimate_bytes(choice.key, n, dim) <= limit
+
+
+# ---------------------------------------------------------------------------------------------- ground truth
+
+
+@pytest.mark.parametrize("sizes", [[400], [7, 3, 200, 190], [250, 149, 1], [64] * 7])
+def test_exact_search_over_batches_is_brute_force(sizes):
+    n, k = 400, 10
+    vectors = low_rank(n, seed=3)
+    ids = 1000 + 3 * np.arange(n, dtype=np.int64)
+    queries = low_rank(25, seed=4)
+    scores, found = exact_search(queries, batches_of(ids, vectors, sizes), k)
+    want_scores, want_ids = brute_force(queries, vectors, ids, k)
+    assert found.shape == (25, k) and found.dtype == np.int64
+    np.testing.assert_array_equal(found, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+def test_exact_search_with_fewer_vectors_than_k():
+    vectors = low_rank(6, seed=5)
+    ids = np.array([50, 40, 30, 20, 10, 5], dtype=np.int64)
+    queries = low_rank(3, seed=6)
+    scores, found = exact_search(queries, batches_of(ids, vectors, [4, 2]), 10)
+    want_scores, want_ids = brute_force(queries, vectors, ids, 6)
+    np.testing.assert_array_equal(found[:, :6], want_ids)
+    np.testing.assert_allclose(scores[:, :6], want_scores, atol=1e-5)
+    assert (found[:, 6:] == -1).all()
+
+
+def test_ann_recall_counts_misses_and_accepts_ties():
+    truth = np.array([[1, 2, 3]])
+    truth_scores = np.array([[0.9, 0.8, 0.7]], dtype=np.float32)
+    assert ann_recall(truth, truth_scores, truth, truth_scores, 3) == 1.0
+    found, found_scores = np.array([[1, 2, 9]]), np.array([[0.9, 0.8, 0.5]], dtype=np.float32)
+    assert ann_recall(found, found_scores, truth, truth_scores, 3) == pytest.approx(2 / 3)
+    # item 9 ties the exact 3rd score: an equally right answer
+    assert ann_recall(found, np.array([[0.9, 0.8, 0.7]], dtype=np.float32), truth, truth_scores, 3) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+N, DIM, K = 6_000, 64, 10
+
+
+@pytest.fixture(scope="module")
+def corpus_vectors():
+    basis = np.random.default_rng(1234).standard_normal((16, DIM))
+    vectors = low_rank(N, DIM, basis=basis, seed=10)
+    ids = 1000 + 3 * np.arange(N, dtype=np.int64)  # not positions: search must return these
+    # held-out queries from the same distribution, never seen by tuning
+    queries = low_rank(200, DIM, basis=basis, seed=11)
+    return ids, vectors, queries
+
+
+def _build(corpus_vectors, key, **kwargs):
+    ids, vectors, _ = corpus_vectors
+    rng = np.random.default_rng(7)
+    tune_queries = vectors[rng.choice(N, 300, replace=False)]
+    return build_index(batches_of(ids, vectors, 1_700), N, DIM, key,
+                       sample_vectors=lambda m: vectors[np.random.default_rng(8).choice(N, m, replace=False)],
+                       recall_queries=tune_queries, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("key, knob, target", [
+    ("Flat", None, 0.95),
+    ("HNSW32", "efSearch=", 0.95),
+    ("IVF64,Flat", "nprobe=", 0.95),
+    ("IVF64,PQ16x4fs,Refine(SQ8)", "k_factor_rf=8,nprobe=", 0.9),
+])
+def test_build_index_returns_ids_and_reaches_recall(corpus_vectors, key, knob, target):
+    ids, vectors, queries = corpus_vectors
+    built = _build(corpus_vectors, key, target_recall=target)
+    assert built.index.ntotal == N and built.index.d == DIM
+    assert built.key == key and built.factory == factory_string(key)
+    assert built.device == "cpu" and built.recall_queries == 300
+    assert set(built.seconds) >= {"train", "add", "tune"}
+    if knob is None:
+        assert built.params == "" and built.ann_recall == 1.0
+    else:
+        assert built.params.startswith(knob) and built.params.split("=")[-1].isdigit()
+        assert built.ann_recall >= target
+
+    # the tuned index, searched with held-out queries, returns row ids and agrees with brute force
+    scores, found = built.index.search(queries, K)
+    want_scores, want_ids = brute_force(queries, vectors, ids, K)
+    assert np.isin(found, ids).all(), "search returns the given ids, never positions"
+    recall = ann_recall(found, scores, want_ids, want_scores, K)
+    assert recall >= target - 0.05, f"{key}: held-out recall {recall:.3f}"
+    assert abs(recall - built.ann_recall) < 0.1
+    # a stored vector finds itself first
+    _, self_found = built.index.search(vectors[[0, 1234, N - 1]], 1)
+    assert self_found[:, 0].tolist() == [ids[0], ids[1234], ids[N - 1]]
+
+    # the estimate used against --memory-budget is the right order of size
+    size = len(faiss.serialize_index(built.index))
+    assert 0.5 * size <= estimate_bytes(key, N, DIM) <= 2 * size, (key, size)
+
+
+def test_build_index_with_params_survives_serialisation(corpus_vectors, tmp_path):
+    """What index.json records (params) re-applied to the index read back gives the same answers."""
+    _, _, queries = corpus_vectors
+    built = _build(corpus_vectors, "IVF64,Flat")
+    path = tmp_path / "index.faiss"
+    faiss.write_index(built.index, str(path))
+    loaded = faiss.read_index(str(path))
+    faiss.ParameterSpace().set_index_parameters(loaded, built.params)
+    np.testing.assert_array_equal(loaded.search(queries, K)[1], built.index.search(queries, K)[1])
+
+
+def test_bad_factory_key_is_a_retrieval_error(corpus_vectors):
+    with pytest.raises(RetrievalError, match="FAISS cannot build index key 'NotAnIndex42'"):
+        _build(corpus_vectors, "NotAnIndex42")
+
+
+def test_too_few_vectors_for_ivf_is_a_retrieval_error():
+    vectors = low_rank(50, seed=1)
+    ids = np.arange(50, dtype=np.int64)
+    with pytest.raises(RetrievalError, match="too few to train 64 clusters"):
+        build_index(batches_of(ids, vectors, 50), 50, 64, "IVF64,Flat", sample_vectors=lambda m: vectors[:m],
+                    recall_queries=vectors[:5], progress=False)
+
+
+@pytest.mark.skipif(faiss_gpu_count() > 0, reason="FAISS sees a GPU here")
+def test_cuda_without_faiss_gpu_falls_back_to_cpu_with_a_note(corpus_vectors):
+    ids, vectors, _ = corpus_vectors
+    built = _build(corpus_vectors, "Flat", device="cuda")
+    assert built.device == "cpu"
+    assert any("no GPU usable by FAISS" in note for note in built.notes), built.notes
+    assert built.index.ntotal == N
+    assert built.index.search(vectors[:1], 1)[1][0, 0] == ids[0]
+    # asking for the CPU adds no note
+    assert _build(corpus_vectors, "Flat", device="cpu").notes == []
