@@ -71,7 +71,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", errors="surrogateescape").strip()
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8", errors="surrogateescape").strip()
             if not line:
                 continue
             try:
@@ -87,7 +87,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -188,7 +188,7 @@ def _row_error(row: dict, image: Any, text: Any, max_chars: int, first_seen: dic
     if any(_has_bad_utf8(v) for v in row.values()):
         return "text is not valid UTF-8"
     if row["id"] in first_seen:
-        return f"duplicate id {row['id']!r} (first at position {first_seen[row['id']]})"
+        return f"duplicate id: {row['id']!r} (first at position {first_seen[row['id']]})"
     if image is not None and not isinstance(image, str):
         return f"image must be a path string, got {type(image).__name__}"
     if text is not None and not isinstance(text, str):
@@ -216,7 +216,8 @@ def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
     fixed = {"position": pa.int64(), "id": pa.string(), "image": pa.string(), "text": pa.string(),
              "error": pa.string()}
     try:
-        table = pa.Table.from_pylist(rows)
+        names = list(dict.fromkeys(key for row in rows for key in row))  # every key, not just the first row's
+        table = pa.Table.from_pydict({key: [row.get(key) for row in rows] for key in names})
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise RetrievalError(f"corpus metadata cannot be stored: {e}") from None
     for name, typ in fixed.items():

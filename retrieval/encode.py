@@ -181,7 +181,7 @@ def _start_or_resume(out: Path, corpus: Corpus, encoder, dtype: str, part_size: 
         if not same:
             raise RetrievalError(f"{out} holds a store of another corpus, model, dtype or part size; "
                                  "use a new --out folder")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RetrievalError(f"{out} exists and is not an embedding store; use a new or empty --out folder")
     else:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")

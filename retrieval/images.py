@@ -28,7 +28,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
     except FileNotFoundError:
         raise ImageReadError(f"image not found: {path}") from None
     except OSError as e:
-        raise ImageReadError(f"cannot read image {path}: {e.strerror or e}") from None
+        raise ImageReadError(f"cannot read image: {e.strerror or e} ({path})") from None
     if not path.is_file():
         raise ImageReadError(f"image path is not a file: {path}")
     if size == 0:
@@ -52,7 +52,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
         raise ImageReadError(f"image too large (decompression bomb): {path}") from None
     except Exception as e:  # PIL raises many types for corrupt data
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageReadError(f"cannot decode image {path}: {reason}") from None
+        raise ImageReadError(f"cannot decode image: {reason} ({path})") from None
 
 
 def image_to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
