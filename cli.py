@@ -78,11 +78,10 @@ def search(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Search an index with an image, a text, or both."""
-    from retrieval.search import check_k, open_index
+    from retrieval.search import check_k, check_query, open_index
 
     check_k(k)
-    if image is None and not (text and text.strip()):
-        raise RetrievalError("a query needs an image, a text, or both (--image / --text)")
+    check_query(image, text)  # before loading the index and model, so a bad query fails at once
     hits = open_index(index, device=device).search(image=image, text=text, k=k, where=where)
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, default=str))
@@ -92,9 +91,14 @@ def search(
         return
     rows = [("rank", "score", "id", "text", "image")]
     rows += [(str(h.rank), f"{h.score:.4f}", h.id, _clip(h.text or "", 60), h.image or "") for h in hits]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    _echo_table(rows)
+
+
+def _echo_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last column is left unpadded."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
 
 
 def _clip(text: str, width: int) -> str:
@@ -112,9 +116,7 @@ def models_list() -> None:
         checkpoint = default_checkpoint(config)
         rows.append((name, config.family, str(config.dim),
                      str(checkpoint) if checkpoint else f"random init (seed {config.seed})", config.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    _echo_table(rows)
 
 
 @data_app.command("make")

@@ -100,9 +100,7 @@ class SearchIndex:
 
     def embed_query(self, image: str | os.PathLike | None = None, text: str | None = None) -> np.ndarray:
         """The query vector [1, dim] for an image, a text, or both."""
-        text = text if text and text.strip() else None
-        if image is None and text is None:
-            raise RetrievalError("a query needs an image, a text, or both (--image / --text)")
+        text = check_query(image, text)
         return self.encoder.encode(images=[image] if image is not None else None,
                                    texts=[text] if text is not None else None)
 
@@ -198,6 +196,14 @@ class SearchIndex:
 def check_k(k: int) -> None:
     if not isinstance(k, int) or k <= 0:
         raise RetrievalError(f"k must be a positive integer, got {k}")
+
+
+def check_query(image, text: str | None) -> str | None:
+    """The query's text (None when blank); a query with neither image nor text is refused."""
+    text = text if text and text.strip() else None
+    if image is None and text is None:
+        raise RetrievalError("a query needs an image, a text, or both (--image / --text)")
+    return text
 
 
 def selector_params(index, selector, search_params: str | None):

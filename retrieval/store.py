@@ -97,7 +97,8 @@ class EmbeddingStore:
 
     def file_stats(self) -> dict[str, list[int]]:
         """(size, mtime_ns) of each part file: a cheap first check that no part was rewritten."""
-        return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in self.part_paths}
+        stats = {p.name: p.stat() for p in self.part_paths}
+        return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
 
     def changed_parts(self, recorded: dict[str, list[int]]) -> list[str]:
         """Parts whose file no longer matches its manifest checksum (hashing only those whose stat changed)."""
