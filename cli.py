@@ -121,20 +121,54 @@ def models_list() -> None:
 
 @data_app.command("make")
 def data_make(
-    name: str = typer.Argument(..., help="shapesworld"),
+    name: str = typer.Argument(..., help="shapesworld | digits"),
     out: Path = typer.Option(..., "--out"),
-    n: int = typer.Option(500, "--n", help="Number of items."),
-    size: int = typer.Option(64, "--size", help="Image size in pixels."),
+    n: int | None = typer.Option(None, "--n", help="Items (default: 2,000 scenes; all 1,797 digits)."),
+    size: int = typer.Option(64, "--size", help="Image size in pixels (16-256)."),
     seed: int = typer.Option(0, "--seed"),
+    train_pairs: bool = typer.Option(True, "--train-pairs/--no-train-pairs", help="Also write train/pairs.jsonl."),
 ) -> None:
-    """Generate a benchmark corpus (images + corpus.jsonl) offline."""
-    from evaluation.shapesworld import make_shapesworld
+    """Generate a benchmark data set offline: images, corpus.jsonl, task files and training pairs."""
+    from evaluation.benchmark_folder import read_dataset
+    from evaluation.data import make_data
 
-    makers = {"shapesworld": make_shapesworld}
-    if name not in makers:
-        raise RetrievalError(f"unknown data set {name!r}; known: {', '.join(makers)}")
-    manifest = makers[name](out, n=n, size=size, seed=seed)
-    typer.echo(f"wrote {n} items: {manifest}")
+    manifest = make_data(name, out, n=n, size=size, seed=seed, train_pairs=train_pairs)
+    meta = read_dataset(out)
+    tasks = ", ".join(f"{t} ({v['queries']} queries)" for t, v in meta["tasks"].items())
+    typer.echo(f"wrote {meta['items']} items to {manifest} (splits {meta['splits']}); tasks: {tasks}")
+    if meta["train_pairs"] is not None:
+        typer.echo(f"training pairs: {meta['train_pairs']} in {meta['train_groups']} groups ({out}/train/pairs.jsonl)")
+
+
+@app.command("eval")
+def eval_(
+    tasks: str = typer.Argument(..., help="all, or task names: t2i,i2t,zeroshot,tgit,tgit-pool,vqa,pos "
+                                          "(or dataset/task, e.g. digits/t2i)."),
+    model: str = typer.Option(..., "--model", help="Model names or checkpoint folders, comma-separated, or all."),
+    data: list[Path] | None = typer.Option(None, "--data", help="Benchmark folder (repeatable); default: "
+                                                               "generated ShapesWorld and Digits."),
+    k: str = typer.Option("1,5,10", "--k", help="Cut-offs for hit@k and recall@k."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
+    markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the report as Markdown."),
+    plot_out: Path | None = typer.Option(None, "--plot", help="Write a PNG bar chart."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    batch_size: int = typer.Option(128, "--batch-size"),
+) -> None:
+    """Recall@k benchmarks: one table of every model (and fusion mode) × task."""
+    from evaluation import report
+    from evaluation.evaluate import run_eval
+
+    try:
+        ks = [int(x) for x in k.split(",") if x.strip()]
+    except ValueError:
+        raise RetrievalError(f"--k must be comma-separated integers, not {k!r}") from None
+    result = run_eval(tasks, model, data=data, ks=ks, device=device, batch_size=batch_size)
+    typer.echo("\n".join(report.summary_lines(result)))
+    for path, write in ((json_out, report.write_json), (markdown_out, report.write_markdown),
+                        (plot_out, report.plot)):
+        if path is not None:
+            write(result, path)
+            typer.echo(f"wrote {path}")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from retrieval.errors import RetrievalError
+from retrieval.files import atomic_path
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey picture
 MAX_IMAGE_PIXELS = 64_000_000
@@ -66,3 +67,10 @@ def image_to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tu
     arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, durable: bool = True) -> None:
+    """Write an image atomically, in the format its suffix names (fsynced unless not `durable`)."""
+    path = Path(path)
+    with atomic_path(path, durable=durable) as tmp:
+        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])

@@ -26,7 +26,8 @@ def run_cli(*args: str | os.PathLike, check: bool = True, timeout: float = 300) 
 @pytest.fixture(scope="session")
 def shapes_corpus(tmp_path_factory) -> Path:
     """A 300-item ShapesWorld corpus (corpus.jsonl + images/), made once per test session."""
-    return make_shapesworld(tmp_path_factory.mktemp("shapes"), n=300, size=32, seed=0)
+    return make_shapesworld(tmp_path_factory.mktemp("shapes"), n=300, size=32, seed=0, train_pairs=False,
+                            progress=False)
 
 
 @pytest.fixture(scope="session")

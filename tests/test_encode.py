@@ -174,7 +174,8 @@ def test_cli_encode_writes_a_complete_store(cli_store, shapes_corpus):
     assert [p["rows"] for p in manifest["parts"]] == [[0, 128], [128, 256], [256, 300]]
     assert manifest["encoder"]["name"] == "test-tiny"
     assert manifest["encoder"]["weights_sha256"] == _encoder().weights_sha256
-    assert manifest["dtype"] == "float32" and manifest["metadata_columns"] == ["split", "n_objects", "shapes"]
+    assert manifest["dtype"] == "float32" and manifest["metadata_columns"] == ["split", "n_objects", "shapes", "colours",
+                                                                                   "background"]
     assert (out / "errors.parquet").is_file() and _errors(out) == []
 
     store = EmbeddingStore(out)  # the library reader agrees with DuckDB
@@ -319,7 +320,8 @@ RESUME_MISSING = (10, 123, 377, 598)  # positions whose image file is missing: e
 @pytest.fixture(scope="module")
 def resume_corpus(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
     """600 ShapesWorld items (a few with a missing image); returns (manifest, good ids, bad ids)."""
-    manifest = make_shapesworld(tmp_path_factory.mktemp("resume"), n=RESUME_N, size=32, seed=1)
+    manifest = make_shapesworld(tmp_path_factory.mktemp("resume"), n=RESUME_N, size=32, seed=1, train_pairs=False,
+                                progress=False)
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
     for p in RESUME_MISSING:
         records[p]["image"] = f"images/missing-{p}.png"

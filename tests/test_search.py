@@ -28,7 +28,7 @@ KINDS = {  # name: (source, extra build arguments, factory FAISS should get, sea
     "store-hnsw": ("store", ["--index-key", "HNSW32"], "IDMap2,HNSW32", "efSearch="),
     "store-ivf": ("store", ["--index-key", "IVF8,Flat"], "IVF8,Flat", "nprobe="),
 }
-METADATA = {"split", "n_objects", "shapes"}
+METADATA = {"split", "n_objects", "shapes", "colours", "background"}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

@@ -1,0 +1,144 @@
+"""`retrieval eval`: every model (in each of its fusion modes) × every task → one report.
+
+Queries and candidates are embedded by the model exactly as `index build` and `search` embed them
+(an image-only candidate is (image, no text)); scores are inner products of unit vectors.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from evaluation.benchmark_folder import read_dataset
+from evaluation.data import DATASETS, default_data_dir
+from evaluation.metrics import chance_top1, mean_metrics, query_metrics
+from evaluation.tasks import Item, Task, list_tasks, read_task
+from retrieval.errors import RetrievalError
+
+EVAL_FORMAT = "retrieval.eval"
+
+
+class EmbeddingCache:
+    """Embeddings of (image, text) items under one encoder and fusion mode, computed once per run."""
+
+    def __init__(self, encoder, batch_size: int = 128, progress: bool = True):
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.progress = progress
+        self.vectors: dict[tuple[str | None, str | None], np.ndarray] = {}
+
+    def embed(self, items: Sequence[Item], desc: str = "embed") -> np.ndarray:
+        keys = [(it.image, it.text or None) for it in items]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.vectors))
+        bar = tqdm(total=len(todo), desc=desc, unit="item", disable=not self.progress or not todo, leave=False)
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            images = [img for img, _ in chunk]
+            texts = [txt for _, txt in chunk]
+            vectors = self.encoder.encode(images=images if any(images) else None,
+                                          texts=texts if any(texts) else None, batch_size=self.batch_size)
+            self.vectors.update(zip(chunk, vectors))
+            bar.update(len(chunk))
+        bar.close()
+        return np.stack([self.vectors[k] for k in keys]) if keys else np.zeros((0, self.encoder.dim), np.float32)
+
+
+def score_task(task: Task, queries: np.ndarray, candidates: np.ndarray, ks: Sequence[int]) -> dict[str, Any]:
+    """Rank each query's candidates by inner product; metrics per query, per type, and their means."""
+    index = task.candidate_index()
+    per_query, per_type, chance = [], {}, []
+    for qi, q in enumerate(task.queries):
+        cand = np.array([index[c] for c in q.candidates]) if q.candidates is not None else None
+        scores = candidates @ queries[qi] if cand is None else candidates[cand] @ queries[qi]
+        ids = q.candidates if q.candidates is not None else [c.id for c in task.candidates]
+        positives = set(q.positives)
+        mask = np.array([c in positives for c in ids])
+        metrics = query_metrics(scores, mask, ks)
+        per_query.append(metrics)
+        chance.append(chance_top1(len(ids), int(mask.sum())))
+        if q.type is not None:
+            per_type.setdefault(q.type, []).append((metrics, chance[-1]))
+    by_type = {t: mean_metrics([m for m, _ in rows]) for t, rows in per_type.items()}
+    if task.by_type and by_type:
+        metrics = mean_metrics(list(by_type.values()))  # each type counts the same, as in the FuseLIP paper
+        chance_level = float(np.mean([np.mean([c for _, c in rows]) for rows in per_type.values()]))
+    else:
+        metrics, chance_level = mean_metrics(per_query), float(np.mean(chance))
+    out = {"metrics": metrics, "chance": chance_level}
+    if by_type:
+        out["by_type"] = by_type
+    return out
+
+
+def evaluate_task(task: Task, cache: EmbeddingCache, ks: Sequence[int]) -> dict[str, Any]:
+    """One result row (without model and fusion) for a task, embedding what the cache does not hold yet."""
+    start = time.perf_counter()
+    candidates = cache.embed(task.candidates, desc=f"{task.name} candidates")
+    queries = cache.embed([q.item for q in task.queries], desc=f"{task.name} queries")
+    row = {"dataset": task.dataset, "task": task.name, "primary": task.primary, "queries": len(task.queries),
+           "candidates": len(task.candidates), **score_task(task, queries, candidates, ks)}
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def select_tasks(names: str, data_dirs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Task folders named by `names` ('all', or a comma list of task or dataset/task names) in the data dirs."""
+    available: list[tuple[str, str, Path]] = []
+    for root in data_dirs:
+        meta = read_dataset(root)
+        names_in_order = [t for t in meta.get("tasks", {}) if t in list_tasks(root)]
+        available += [(meta["name"], t, Path(root) / "tasks" / t) for t in names_in_order]
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    if wanted == ["all"]:
+        return [path for _, _, path in available]
+    chosen = []
+    for name in wanted:
+        hits = [path for dataset, t, path in available if name in (t, f"{dataset}/{t}")]
+        if not hits:
+            known = ", ".join(sorted({t for _, t, _ in available} | {f"{d}/{t}" for d, t, _ in available}))
+            raise RetrievalError(f"no task {name!r} in the data; known: all, {known}")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+def fusion_modes(encoder) -> tuple[str, ...]:
+    """The fusion modes to evaluate: each of a late-fusion encoder's modes, else its one fusion."""
+    return tuple(getattr(encoder, "fusion_modes", ())) or (encoder.fusion,)
+
+
+def run_eval(tasks: str = "all", models: str = "test-tiny", data: Sequence[str | os.PathLike] | None = None,
+             ks: Sequence[int] = (1, 5, 10), device: str = "auto", batch_size: int = 128,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate every model (each fusion mode) on every selected task; returns the report dict."""
+    from retrieval.encoders import load_encoder
+
+    if not ks or any(k <= 0 for k in ks):
+        raise RetrievalError("k values must be positive integers, e.g. --k 1,5,10")
+    data_dirs = list(data) if data else [default_data_dir(name, progress=progress) for name in DATASETS]
+    folders = select_tasks(tasks, data_dirs)
+    loaded = [read_task(f) for f in folders]
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if names == ["all"]:
+        from retrieval.encoders.registry import list_configs
+
+        names = list(list_configs())
+    results = []
+    for name in names:
+        encoder = load_encoder(name, device=device)
+        for mode in fusion_modes(encoder):
+            if getattr(encoder, "fusion_modes", ()):
+                encoder.fusion_mode = mode
+            cache = EmbeddingCache(encoder, batch_size, progress)
+            for task in loaded:
+                row = evaluate_task(task, cache, ks)
+                results.append({"model": name, "fusion": mode, **row})
+    return {"format": EVAL_FORMAT, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "k": list(ks), "data": {read_dataset(d)["name"]: str(Path(d).resolve()) for d in data_dirs},
+            "results": results}
