@@ -186,12 +186,12 @@ LEADS = ("{}", "a picture of {}", "an image showing {}", "there is {}", "this sc
 def caption(scene: Scene, rng: random.Random) -> str:
     objects = list(scene.objects)
     rng.shuffle(objects)
-    parts = []
-    for s in objects:
-        where = rng.choice(AT).format(s.position)
-        parts.append(f"{where}, {s.phrase()}" if rng.random() < 0.2 else f"{s.phrase()} {where}")
+    lead = rng.choice(LEADS)
+    parts = [f"{s.phrase()} {rng.choice(AT).format(s.position)}" for s in objects]
+    if lead == "{}" and rng.random() < 0.3:  # "in the upper left, a large red circle …"
+        parts[0] = f"{rng.choice(AT).format(objects[0].position)}, {objects[0].phrase()}"
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + rng.choice((" and ", ", and ", "; ")) + parts[-1]
-    text = rng.choice(LEADS).format(body)
+    text = lead.format(body)
     if scene.background.texture and rng.random() < 0.3:
         text += f" on a {scene.background.texture} background"
     return text

@@ -180,7 +180,7 @@ def make_shapesworld(out: str | os.PathLike, n: int = 1000, size: int = 64, seed
         elif split == "train" and train_pairs:
             pairs += train_group(scene, sid, src, text, image, rng, w)
     write_jsonl(root / "corpus.jsonl", corpus)
-    tasks = [*caption_tasks(captions_), *tgit_tasks(tgit), vqa_task(vqa), pos_task(pos)]
+    tasks = [*caption_tasks(captions_), *tgit_tasks(tgit, w), vqa_task(vqa), pos_task(pos)]
     for task in tasks:
         write_task(task, root / "tasks" / task.name)
     return finish_dataset(root, "shapesworld", {"n": n, "size": size, "seed": seed}, corpus, tasks,
@@ -198,16 +198,23 @@ def caption_tasks(test: list[tuple[str, str, list[str]]]) -> list[Task]:
                  texts)]
 
 
-def tgit_tasks(queries: list[tuple[Query, list[Item]]]) -> list[Task]:
+def tgit_tasks(queries: list[tuple[Query, list[Item]]], w: _Writer) -> list[Task]:
+    """`tgit` ranks each query among its own group; `tgit-pool` among every image of every group, each once.
+
+    A `tgit-pool` query is only asked when its answer looks different from every image in the pool.
+    """
     qs = [q for q, _ in queries]
-    # the pool holds each image once: the flip group's copies of the source (ids with '#') are left out
-    pool = list({c.id: c for _, cands in queries for c in cands if "#" not in c.id}.values())
-    desc = "image + instruction → the transformed image among the {} (top-1 per type, mean over types)"
     every = [c for _, cands in queries for c in cands]
+    pool = list({c.image: Item(c.id.split("#")[0], c.image) for c in every}.values())  # '#': copies of a source
+    looks = Counter(w.digests[c.image] for c in pool)
+    image_of = {c.id: c.image for c in every}
+    pool_queries = [Query(q.item, q.positives, None, q.type) for q in qs
+                    if looks[w.digests[image_of[q.positives[0]]]] == 1]
+    desc = "image + instruction → the transformed image among the {} (top-1 per type, mean over types)"
     return [Task("tgit", "shapesworld", "candidates", "top1", desc.format("transformations of that image"), qs,
                  list({c.id: c for c in every}.values()), by_type=True),
             Task("tgit-pool", "shapesworld", "pool", "top1", desc.format("transformations of every test image"),
-                 [Query(q.item, q.positives, None, q.type) for q in qs], pool, by_type=True)]
+                 pool_queries, pool, by_type=True)]
 
 
 def vqa_task(questions_: list[tuple[Item, str, str]]) -> Task:

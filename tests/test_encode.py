@@ -174,8 +174,8 @@ def test_cli_encode_writes_a_complete_store(cli_store, shapes_corpus):
     assert [p["rows"] for p in manifest["parts"]] == [[0, 128], [128, 256], [256, 300]]
     assert manifest["encoder"]["name"] == "test-tiny"
     assert manifest["encoder"]["weights_sha256"] == _encoder().weights_sha256
-    assert manifest["dtype"] == "float32" and manifest["metadata_columns"] == ["split", "n_objects", "shapes", "colours",
-                                                                                   "background"]
+    assert manifest["dtype"] == "float32"
+    assert manifest["metadata_columns"] == ["split", "n_objects", "shapes", "colours", "background"]
     assert (out / "errors.parquet").is_file() and _errors(out) == []
 
     store = EmbeddingStore(out)  # the library reader agrees with DuckDB
