@@ -15,9 +15,12 @@ app = typer.Typer(help="Multimodal retrieval: encode corpora, build FAISS indexe
 index_app = typer.Typer(help="Build FAISS indexes.", no_args_is_help=True)
 models_app = typer.Typer(help="Registered encoders.", no_args_is_help=True)
 data_app = typer.Typer(help="Benchmark data.", no_args_is_help=True)
+bench_app = typer.Typer(help="Speed benchmarks, measured side by side in one process and printed as ratios.",
+                        no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
 
 DEVICE_HELP = "auto | cpu | cuda"
 
@@ -169,6 +172,71 @@ def eval_(
         if path is not None:
             write(result, path)
             typer.echo(f"wrote {path}")
+
+
+def _print_bench(report: dict, lines: list[str], json_out: Path | None) -> None:
+    typer.echo("\n".join(lines))
+    if json_out is not None:
+        from retrieval.files import write_json
+
+        write_json(json_out, report)
+        typer.echo(f"wrote {json_out}")
+
+
+JSON_HELP = "Also write the report as JSON."
+
+
+@bench_app.command("encode")
+def bench_encode(
+    model: str = typer.Option(..., "--model", help="Registered model name or checkpoint folder."),
+    n: int = typer.Option(10_000, "--n", help="Generated ShapesWorld items."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    workers: int | None = typer.Option(None, "--workers", help="Loader processes (default: min(4, cores))."),
+    threads: int | None = typer.Option(None, "--threads", help="torch threads for both runs (default: torch's)."),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """The whole encode job against the bare model forward: items/s, their ratio, peak RSS."""
+    from evaluation.bench import encode
+
+    report = encode.bench_encode(model, n=n, device=device, batch_size=batch_size, workers=workers, threads=threads)
+    _print_bench(report, encode.report_lines(report), json_out)
+
+
+@bench_app.command("index")
+def bench_index(
+    n: int = typer.Option(1_000_000, "--n", help="Synthetic vectors (ignored with --store)."),
+    dim: int = typer.Option(256, "--dim", help="Synthetic dimension (ignored with --store)."),
+    store: Path | None = typer.Option(None, "--store", help="Benchmark a real embedding store instead."),
+    keys: str | None = typer.Option(None, "--keys", help="Comma-separated FAISS factory strings to compare."),
+    queries: int = typer.Option(1000, "--queries"),
+    memory_budget: str = typer.Option("4GB", "--memory-budget"),
+    target_recall: float = typer.Option(0.95, "--target-recall"),
+    threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Exact search against the automatic index and the other candidates: build s, QPS, ann_recall@10, bytes."""
+    from evaluation.bench import index
+
+    report = index.bench_index(n=n, dim=dim, store=store, keys=keys.split(",") if keys else None, queries=queries,
+                               memory_budget=memory_budget, target_recall=target_recall, threads=threads)
+    _print_bench(report, index.report_lines(report), json_out)
+
+
+@bench_app.command("query")
+def bench_query(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    n: int = typer.Option(200, "--n", help="Timed queries per kind."),
+    k: int = typer.Option(10, "-k", "--k"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    threads: int | None = typer.Option(None, "--threads", help="torch and FAISS threads (default: theirs)."),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Warm latency p50/p95 of image, text and composed queries, split into encode and search."""
+    from evaluation.bench import query
+
+    report = query.bench_query(index, n=n, k=k, device=device, threads=threads)
+    _print_bench(report, query.report_lines(report), json_out)
 
 
 def main() -> None:

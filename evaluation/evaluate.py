@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -21,6 +21,9 @@ from evaluation.data import DATASETS, default_data_dir
 from evaluation.metrics import chance_top1, mean_metrics, query_metrics
 from evaluation.tasks import Item, Task, list_tasks, read_task
 from retrieval.errors import RetrievalError
+
+if TYPE_CHECKING:
+    from retrieval.encoders.base import Encoder
 
 EVAL_FORMAT = "retrieval.eval"
 
@@ -82,8 +85,9 @@ def evaluate_task(task: Task, cache: EmbeddingCache, ks: Sequence[int]) -> dict[
     start = time.perf_counter()
     candidates = cache.embed(task.candidates, desc=f"{task.name} candidates")
     queries = cache.embed([q.item for q in task.queries], desc=f"{task.name} queries")
-    row = {"dataset": task.dataset, "task": task.name, "primary": task.primary, "queries": len(task.queries),
-           "candidates": len(task.candidates), **score_task(task, queries, candidates, ks)}
+    row = {"dataset": task.dataset, "task": task.name, "primary": task.primary, "type_mean": task.by_type,
+           "queries": len(task.queries), "candidates": len(task.candidates),
+           **score_task(task, queries, candidates, ks)}
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -91,11 +95,17 @@ def evaluate_task(task: Task, cache: EmbeddingCache, ks: Sequence[int]) -> dict[
 def select_tasks(names: str, data_dirs: Sequence[str | os.PathLike]) -> list[Path]:
     """Task folders named by `names` ('all', or a comma list of task or dataset/task names) in the data dirs."""
     available: list[tuple[str, str, Path]] = []
+    seen: dict[str, str | os.PathLike] = {}
     for root in data_dirs:
         meta = read_dataset(root)
+        if meta["name"] in seen:
+            raise RetrievalError(f"{seen[meta['name']]} and {root} both hold {meta['name']}: evaluate one at a time")
+        seen[meta["name"]] = root
         names_in_order = [t for t in meta.get("tasks", {}) if t in list_tasks(root)]
         available += [(meta["name"], t, Path(root) / "tasks" / t) for t in names_in_order]
     wanted = [n.strip() for n in names.split(",") if n.strip()]
+    if not wanted:
+        raise RetrievalError("name at least one task, or all")
     if wanted == ["all"]:
         return [path for _, _, path in available]
     chosen = []
@@ -113,10 +123,14 @@ def fusion_modes(encoder) -> tuple[str, ...]:
     return tuple(getattr(encoder, "fusion_modes", ())) or (encoder.fusion,)
 
 
-def run_eval(tasks: str = "all", models: str = "test-tiny", data: Sequence[str | os.PathLike] | None = None,
+def run_eval(tasks: str = "all", models: str | Sequence[str | Encoder] = "test-tiny",
+             data: Sequence[str | os.PathLike] | None = None,
              ks: Sequence[int] = (1, 5, 10), device: str = "auto", batch_size: int = 128,
              progress: bool = True) -> dict[str, Any]:
-    """Evaluate every model (each fusion mode) on every selected task; returns the report dict."""
+    """Evaluate every model (each fusion mode) on every selected task; returns the report dict.
+
+    `models`: 'all', comma-separated names or checkpoint folders, or a list of names and loaded encoders.
+    """
     from retrieval.encoders import load_encoder
 
     if not ks or any(k <= 0 for k in ks):
@@ -124,14 +138,17 @@ def run_eval(tasks: str = "all", models: str = "test-tiny", data: Sequence[str |
     data_dirs = list(data) if data else [default_data_dir(name, progress=progress) for name in DATASETS]
     folders = select_tasks(tasks, data_dirs)
     loaded = [read_task(f) for f in folders]
-    names = [m.strip() for m in models.split(",") if m.strip()]
+    names = [m.strip() for m in models.split(",") if m.strip()] if isinstance(models, str) else list(models)
     if names == ["all"]:
         from retrieval.encoders.registry import list_configs
 
         names = list(list_configs())
+    if not names:
+        raise RetrievalError("name at least one model, or all")
     results = []
-    for name in names:
-        encoder = load_encoder(name, device=device)
+    for model in names:
+        encoder = load_encoder(model, device=device) if isinstance(model, (str, os.PathLike)) else model
+        name = str(model) if isinstance(model, (str, os.PathLike)) else encoder.name
         for mode in fusion_modes(encoder):
             if getattr(encoder, "fusion_modes", ()):
                 encoder.fusion_mode = mode

@@ -13,15 +13,14 @@ import numpy as np
 
 
 def positive_ranks(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """0-based rank of each positive: negatives scoring ≥ it, plus positives scoring strictly above it."""
+    """0-based ranks of the positives, best first: the i-th best positive sits after the i positives
+    ahead of it and after every negative scoring at least as high (tied positives take distinct ranks)."""
     scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
-    pos_scores = scores[positive]
+    pos_scores = np.sort(scores[positive])[::-1]
     neg_scores = np.sort(scores[~positive])
     ahead_neg = len(neg_scores) - np.searchsorted(neg_scores, pos_scores, side="left")
-    pos_sorted = np.sort(pos_scores)
-    ahead_pos = len(pos_sorted) - np.searchsorted(pos_sorted, pos_scores, side="right")
-    return ahead_neg + ahead_pos
+    return ahead_neg + np.arange(len(pos_scores))
 
 
 def query_metrics(scores: np.ndarray, positive: np.ndarray, ks: Sequence[int]) -> dict[str, float]:

@@ -129,7 +129,8 @@ def _details(report: dict[str, Any], grid: _Grid, task: Key) -> list[str]:
     typed = [r for r in rows if r.get("by_type")]
     if typed:
         types = _unique(t for r in typed for t in r["by_type"])
-        lines += ["", f"Per type, `{primary}` in % (the task's `{primary}` is their mean):", ""]
+        how = "is their mean" if all(r.get("type_mean") for r in typed) else "is the mean over all queries"
+        lines += ["", f"Per type, `{primary}` in % (the task's `{primary}` {how}):", ""]
         table = [["model"] + [str(t) for t in types]]
         for m in grid.models:
             if (r := grid.row(m, task)) is not None and r.get("by_type"):

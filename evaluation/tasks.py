@@ -105,7 +105,8 @@ def read_task(folder: str | os.PathLike) -> Task:
         raise RetrievalError(f"{folder / 'task.json'} is not a task description")
 
     def item(r: dict[str, Any]) -> Item:
-        return Item(r["id"], str(folder / r["image"]) if r.get("image") else None, r.get("text"))
+        image = os.path.normpath(folder / r["image"]) if r.get("image") else None  # one path per file across tasks
+        return Item(r["id"], image, r.get("text"))
 
     candidates = [item(r) for r in _read_jsonl(folder / "candidates.jsonl")]
     known = {c.id for c in candidates}

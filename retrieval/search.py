@@ -95,7 +95,7 @@ class SearchIndex:
     def metadata(self):
         """The store's rows without vectors, loaded on first use; row r is at position r."""
         if self._metadata is None:
-            self._metadata = self.store.metadata()
+            self._metadata = self.store.metadata().combine_chunks()  # one chunk: take() per query stays cheap
         return self._metadata
 
     def embed_query(self, image: str | os.PathLike | None = None, text: str | None = None) -> np.ndarray:

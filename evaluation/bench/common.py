@@ -20,20 +20,25 @@ def rss_bytes() -> int:
 
 
 class PeakRSS:
-    """Samples this process's RSS in a background thread; `peak` is the highest value seen."""
+    """Samples this process's RSS in a background thread: `peak`, and every (seconds, rss) in `samples`."""
 
     def __init__(self, interval: float = 0.02):
         self.interval = interval
         self.start = rss_bytes()
         self.peak = self.start
+        self.samples: list[tuple[float, int]] = []
+        self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes())
+            rss = rss_bytes()
+            self.samples.append((time.perf_counter() - self._t0, rss))
+            self.peak = max(self.peak, rss)
 
     def __enter__(self) -> PeakRSS:
+        self._t0 = time.perf_counter()
         self._thread.start()
         return self
 
@@ -41,6 +46,15 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+
+    def halves(self) -> tuple[int, int]:
+        """Peak RSS in the first and in the second half of the sampled time (flat memory: about equal)."""
+        if not self.samples:
+            return self.peak, self.peak
+        mid = self.samples[-1][0] / 2
+        first = [r for t, r in self.samples if t <= mid] or [self.start]
+        second = [r for t, r in self.samples if t > mid] or first
+        return max(first), max(second)
 
 
 def children_peak_rss() -> int:
@@ -72,4 +86,5 @@ def format_table(rows: list[list[str]]) -> str:
 
 
 def mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB"
+    """Bytes as MiB with one decimal (stores of small benchmarks are under 1 MiB)."""
+    return f"{n / 2**20:.1f} MiB"
