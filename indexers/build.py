@@ -78,10 +78,24 @@ def measure(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k:
     return ann_recall(ids, scores, truth[1], truth[0], k)
 
 
+def held_out(batches: Batches, rows: np.ndarray) -> Batches:
+    """The same batches without `rows`."""
+    def others():
+        for ids, vectors in batches():
+            keep = ~np.isin(ids, rows)
+            yield ids[keep], vectors[keep]
+    return others
+
+
 def build_index(batches: Batches, n: int, dim: int, key: str, sample_vectors: Callable[[int], np.ndarray],
-                recall_queries: np.ndarray, device: str = "auto", target_recall: float = 0.95, k: int = 10,
-                progress: bool = True) -> BuiltIndex:
-    """Build `key` over `n` vectors streamed by `batches`, tuned to reach `target_recall` k-recall@k."""
+                recall_queries: np.ndarray, recall_rows: np.ndarray, device: str = "auto",
+                target_recall: float = 0.95, k: int = 10, progress: bool = True) -> BuiltIndex:
+    """Build `key` over `n` vectors streamed by `batches`, tuned to reach `target_recall` k-recall@k.
+
+    The tuning queries are stored vectors (`recall_rows`), held out of the index until tuning is done:
+    a vector that is already in the index finds itself and its neighbourhood too easily, which overstates
+    the recall a new query gets (by 0.01-0.03 at 1M vectors). At most a tenth of the store is held out.
+    """
     import faiss
     from tqdm import tqdm
 
@@ -95,6 +109,14 @@ def build_index(batches: Batches, n: int, dim: int, key: str, sample_vectors: Ca
     if device == "cuda":
         index, device = to_gpu(index, notes)
     seconds: dict[str, float] = {}
+    if n >= 10:
+        pick = np.unique(np.linspace(0, len(recall_rows) - 1, min(len(recall_rows), n // 10)).astype(int))
+        rows = np.asarray(recall_rows, dtype=np.int64)[pick]
+        queries = np.ascontiguousarray(np.asarray(recall_queries)[pick], dtype=np.float32)
+    else:  # too few to hold any out: tune on stored vectors in place
+        rows = np.zeros(0, np.int64)
+        queries = np.ascontiguousarray(recall_queries, dtype=np.float32)
+    others = held_out(batches, rows)
 
     t = time.perf_counter()
     if not index.is_trained:
@@ -106,19 +128,20 @@ def build_index(batches: Batches, n: int, dim: int, key: str, sample_vectors: Ca
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    with tqdm(total=n, unit="vec", desc=f"add {key}", disable=not progress, dynamic_ncols=True) as bar:
-        for ids, vectors in batches():
+    with tqdm(total=n - len(rows), unit="vec", desc=f"add {key}", disable=not progress, dynamic_ncols=True) as bar:
+        for ids, vectors in others():
             index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
             bar.update(len(ids))
-    seconds["add"] = time.perf_counter() - t
-    if index.ntotal != n:
-        raise RetrievalError(f"index holds {index.ntotal} vectors but the store has {n}")
     index = to_cpu(index)
+    seconds["add"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    queries = np.ascontiguousarray(recall_queries, dtype=np.float32)
-    truth = exact_search(queries, batches, k)
+    truth = exact_search(queries, others, k)
     params, recall = tune(index, queries, truth, k, target_recall)
     seconds["tune"] = time.perf_counter() - t
+    if len(rows):
+        index.add_with_ids(queries, rows)
+    if index.ntotal != n:
+        raise RetrievalError(f"index holds {index.ntotal} vectors but the store has {n}")
     return BuiltIndex(index=index, key=key, factory=factory, params=params, ann_recall=recall,
                       recall_queries=len(queries), device=device, seconds=seconds, notes=notes)

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from retrieval.errors import RetrievalError
 
 EXACT_MAX = 50_000  # below this, exact search costs at most a few ms a query: no reason to approximate
-HNSW_MAX = 1_000_000  # HNSW build time grows past the budget of a laptop build beyond this
+# HNSW is built only while its build (no training, but graph insertion costs ~ n·dim) stays well inside the
+# 2-minute budget on 2 cores: HNSW32 over 1M × 256 took 94-153 s to add (`retrieval bench index`), so we stop
+# at half that work, 2^27 = 512Ki × 256 (about 170k vectors at 768 dims).
+HNSW_MAX_WORK = 2**27  # n · dim
 HNSW_M = 32
 ID_MAP_BYTES = 16  # IDMap2: the id array plus the reverse hash map
 
@@ -28,6 +31,11 @@ def parse_memory(text: str) -> int:
         raise RetrievalError(f"cannot read memory size {text!r}: write it like 4GB or 512MB")
     power = " KMGT".index(m.group(2).upper() or " ")
     return int(float(m.group(1)) * 1024**power)
+
+
+def hnsw_max(dim: int) -> int:
+    """The largest vector count for which `auto` still builds an HNSW graph at this dimension."""
+    return HNSW_MAX_WORK // max(dim, 1)
 
 
 def nlist_for(n: int) -> int:
@@ -68,7 +76,14 @@ def estimate_bytes(key: str, n: int, dim: int) -> int:
 
 
 def choose_index(n: int, dim: int, memory_budget: int, gpu: bool = False) -> IndexChoice:
-    """Exact for small stores; HNSW, IVF-Flat, then IVF-PQ (with SQ8 re-ranking) as size and memory demand."""
+    """Exact for small stores; HNSW while it builds fast; then IVF-SQ8, or IVF-PQ when memory demands.
+
+    Beyond HNSW's range the choice is IVF with 8-bit scalar-quantised vectors rather than IVF-Flat. Measured at
+    1M × 256 on 2 cores (`retrieval bench index`, held-out queries): IVF4096,SQ8 scans about 2.2× faster than
+    IVF4096,Flat at the same nprobe (IVF-Flat is memory-bound), in a quarter of the memory, for ≤ 0.005 less
+    recall: at nprobe=64, 0.965 ann_recall@10 at 10-11× exact QPS against 0.970 at 4.2×, built in about 42 s
+    (HNSW32 took 94-105 s on a quiet machine, up to 150 s under load).
+    """
     if n <= 0:
         raise RetrievalError("cannot build an index over an empty store")
     nlist = nlist_for(n)
@@ -76,11 +91,10 @@ def choose_index(n: int, dim: int, memory_budget: int, gpu: bool = False) -> Ind
     candidates = []
     if n <= EXACT_MAX or gpu:
         candidates.append(("Flat", f"exact search: {n} vectors" + (" on the GPU" if gpu else "")))
-    if n <= HNSW_MAX and not gpu:
-        candidates.append((f"HNSW{HNSW_M}", f"{n} vectors fit in memory: HNSW graph, no training"))
+    if n <= hnsw_max(dim) and not gpu:
+        candidates.append((f"HNSW{HNSW_M}", f"{n} vectors fit in memory and build fast: HNSW graph, no training"))
     candidates += [
-        (f"IVF{nlist},Flat", f"{n} vectors: inverted lists over {nlist} clusters"),
-        (f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)", "memory-bound: PQ fast-scan codes re-ranked with 8-bit vectors"),
+        (f"IVF{nlist},SQ8", f"{n} vectors: inverted lists over {nlist} clusters, 8-bit scalar-quantised vectors"),
         (f"IVF{nlist},PQ{m}x4fs", "memory-bound: PQ fast-scan codes only"),
     ]
     for key, reason in candidates:

@@ -76,9 +76,10 @@ def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model:
         choice = choose_index(n, dim, budget, gpu=gpu)
     else:
         choice = IndexChoice(index_key, estimate_bytes(index_key, n, dim), "given with --index-key")
+    recall_rows, recall_queries = store.sample(RECALL_QUERIES, seed=2)
     built = build_index(store.iter_batches, n, dim, choice.key,
                         sample_vectors=lambda m: store.sample(m, seed=1)[1],
-                        recall_queries=store.sample(RECALL_QUERIES, seed=2)[1],
+                        recall_queries=recall_queries, recall_rows=recall_rows,
                         device=device, target_recall=target_recall, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / INDEX_FILE) as tmp:
