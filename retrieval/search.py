@@ -23,6 +23,17 @@ from retrieval.store import EmbeddingStore
 EXACT_FILTER_MAX = 20_000  # allowed rows up to this are searched exactly
 
 
+def set_threads(n: int) -> None:
+    """torch's and FAISS's intra-op thread counts for this process."""
+    import faiss
+    import torch
+
+    if n <= 0:
+        raise RetrievalError("--threads must be positive")
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
 @dataclass
 class Hit:
     rank: int

@@ -68,20 +68,16 @@ def bench_query(index: str | os.PathLike, n: int = 200, k: int = 10, warmup: int
     from tqdm import tqdm
 
     from retrieval.errors import RetrievalError
-    from retrieval.search import check_k, open_index
+    from retrieval.search import check_k, open_index, set_threads
 
     check_k(k)
     if n <= 0 or warmup < 0:
         raise RetrievalError("--n must be positive and --warmup not negative")
-    if threads is not None and threads <= 0:
-        raise RetrievalError("--threads must be positive")
     path = Path(index)
     if not path.is_dir():
         raise RetrievalError(f"index folder not found: {path}")
     old_threads, old_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
-    threads = threads or old_threads
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
+    set_threads(old_threads if threads is None else threads)
     try:
         load_before = os.getloadavg()[0]
         with_open = time.perf_counter()
