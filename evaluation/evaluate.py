@@ -101,7 +101,8 @@ def select_tasks(names: str, data_dirs: Sequence[str | os.PathLike]) -> list[Pat
         if meta["name"] in seen:
             raise RetrievalError(f"{seen[meta['name']]} and {root} both hold {meta['name']}: evaluate one at a time")
         seen[meta["name"]] = root
-        names_in_order = [t for t in meta.get("tasks", {}) if t in list_tasks(root)]
+        written = set(list_tasks(root))
+        names_in_order = [t for t in meta.get("tasks", {}) if t in written]
         available += [(meta["name"], t, Path(root) / "tasks" / t) for t in names_in_order]
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     if not wanted:
