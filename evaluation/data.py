@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from retrieval.errors import RetrievalError
 
-
-def _shapesworld(out: Path, n: int | None, size: int, seed: int, train_pairs: bool, progress: bool) -> Path:
-    from evaluation.shapesworld import make_shapesworld
-
-    return make_shapesworld(out, n=2000 if n is None else n, size=size, seed=seed, train_pairs=train_pairs,
-                            progress=progress)
-
-
-def _digits(out: Path, n: int | None, size: int, seed: int, train_pairs: bool, progress: bool) -> Path:
-    from evaluation.digits import make_digits
-
-    return make_digits(out, n=n, size=size, seed=seed, train_pairs=train_pairs, progress=progress)
-
-
-DATASETS: dict[str, Callable[..., Path]] = {"shapesworld": _shapesworld, "digits": _digits}
+# name → the function that writes it (imported on use); each takes (out, n, size, seed, train_pairs, progress)
+DATASETS = {"shapesworld": "evaluation.shapesworld:make_shapesworld", "digits": "evaluation.digits:make_digits"}
 DEFAULT_SIZE = 64
 
 
@@ -39,7 +26,10 @@ def make_data(name: str, out: str | os.PathLike, n: int | None = None, size: int
     out = Path(out)
     if out.is_file():
         raise RetrievalError(f"--out {out} is a file, not a folder")
-    return DATASETS[name](out, n, size, seed, train_pairs, progress)
+    module, function = DATASETS[name].split(":")
+    maker = getattr(importlib.import_module(module), function)
+    sized = {} if n is None else {"n": n}  # None: the data set's own default
+    return maker(out, size=size, seed=seed, train_pairs=train_pairs, progress=progress, **sized)
 
 
 def cache_root() -> Path:

@@ -106,8 +106,9 @@ def tgit_group(image: Image.Image, sid: str, src: str, rng: random.Random, w: _W
                folder: str) -> dict[str, list[tuple[Item, tf.Transform, Item]]]:
     """Per TGIT type, (query, transform, target) triples; the colour and flip groups add the reverse pairs."""
     source = Item(f"{sid}-src", src)
-    rotations = tf.all_rotations() if sizes["rotate"] == len(tf.all_rotations()) else \
-        rng.sample(tf.all_rotations(), sizes["rotate"])
+    rotations = tf.all_rotations()
+    if sizes["rotate"] < len(rotations):
+        rotations = rng.sample(rotations, sizes["rotate"])
     forward = {"crop": tf.all_crops()[: sizes["crop"]], "rotate": rotations,
                "jitter": tf.distinct_jitters(rng, sizes["jitter"])}
     groups: dict[str, list[tuple[Item, tf.Transform, Item]]] = {}
@@ -150,7 +151,7 @@ def tgit_queries(groups: dict[str, list[tuple[Item, tf.Transform, Item]]], sid: 
     return out
 
 
-def make_shapesworld(out: str | os.PathLike, n: int = 1000, size: int = 64, seed: int = 0,
+def make_shapesworld(out: str | os.PathLike, n: int = 2000, size: int = 64, seed: int = 0,
                      train_pairs: bool = True, progress: bool = True) -> Path:
     """Generate the benchmark folder; returns the path of corpus.jsonl."""
     root = Path(out)

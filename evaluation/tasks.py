@@ -11,14 +11,13 @@ relative to the file that names them.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from retrieval.errors import RetrievalError
-from retrieval.files import atomic_path, read_json, write_json
+from retrieval.files import read_json, read_jsonl, write_json, write_jsonl
 
 TASK_FORMAT = "retrieval.task"
 KINDS = ("pool", "candidates")
@@ -62,6 +61,16 @@ def _relative(path: str | None, base: Path) -> str | None:
     return None if path is None else os.path.relpath(path, base)
 
 
+def _query_record(q: Query, base: Path) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": q.item.id, "image": _relative(q.item.image, base), "text": q.item.text,
+                              "positives": list(q.positives)}
+    if q.candidates is not None:
+        record["candidates"] = list(q.candidates)
+    if q.type is not None:
+        record["type"] = q.type
+    return record
+
+
 def write_task(task: Task, folder: str | os.PathLike) -> Path:
     """Write task.json, candidates.jsonl and queries.jsonl; item image paths are absolute or cwd-relative."""
     if task.kind not in KINDS:
@@ -69,30 +78,14 @@ def write_task(task: Task, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base = folder.resolve()
-    lines = [json.dumps({"id": c.id, "image": _relative(c.image, base), "text": c.text}) for c in task.candidates]
-    with atomic_path(folder / "candidates.jsonl") as tmp:
-        tmp.write_text("".join(line + "\n" for line in lines))
-    lines = []
-    for q in task.queries:
-        record: dict[str, Any] = {"id": q.item.id, "image": _relative(q.item.image, base), "text": q.item.text,
-                                  "positives": list(q.positives)}
-        if q.candidates is not None:
-            record["candidates"] = list(q.candidates)
-        if q.type is not None:
-            record["type"] = q.type
-        lines.append(json.dumps(record))
-    with atomic_path(folder / "queries.jsonl") as tmp:
-        tmp.write_text("".join(line + "\n" for line in lines))
+    write_jsonl(folder / "candidates.jsonl",
+                ({"id": c.id, "image": _relative(c.image, base), "text": c.text} for c in task.candidates))
+    write_jsonl(folder / "queries.jsonl", (_query_record(q, base) for q in task.queries))
     write_json(folder / "task.json", {
         "format": TASK_FORMAT, "name": task.name, "dataset": task.dataset, "kind": task.kind,
         "primary": task.primary, "by_type": task.by_type, "description": task.description,
         "queries": len(task.queries), "candidates": len(task.candidates), **task.extra})
     return folder
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def read_task(folder: str | os.PathLike) -> Task:
@@ -108,10 +101,10 @@ def read_task(folder: str | os.PathLike) -> Task:
         image = os.path.normpath(folder / r["image"]) if r.get("image") else None  # one path per file across tasks
         return Item(r["id"], image, r.get("text"))
 
-    candidates = [item(r) for r in _read_jsonl(folder / "candidates.jsonl")]
+    candidates = [item(r) for r in read_jsonl(folder / "candidates.jsonl")]
     known = {c.id for c in candidates}
     queries = []
-    for r in _read_jsonl(folder / "queries.jsonl"):
+    for r in read_jsonl(folder / "queries.jsonl"):
         cands = tuple(r["candidates"]) if "candidates" in r else None
         positives = tuple(r["positives"])
         allowed = set(cands) if cands is not None else known

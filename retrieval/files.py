@@ -39,6 +39,11 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> N
             f.write(json.dumps(record) + "\n")
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -73,6 +73,23 @@ def timed() -> Iterator[dict[str, float]]:
         out["seconds"] = time.perf_counter() - start
 
 
+@contextmanager
+def thread_count(n: int | None) -> Iterator[None]:
+    """torch's and FAISS's thread counts set to `n` (None: torch's current count) for the block, then restored."""
+    import faiss
+    import torch
+
+    from retrieval.search import set_threads
+
+    old_torch, old_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
+    set_threads(old_torch if n is None else n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_torch)
+        faiss.omp_set_num_threads(old_faiss)
+
+
 def format_table(rows: list[list[str]]) -> str:
     """Right-aligned columns (left-aligned first column) under a header row, for terminal output."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -10,6 +10,7 @@ The bar (DESIGN.md): job ≥ 90 % of bare, and peak memory flat in the corpus si
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from evaluation.bench.common import PeakRSS, children_peak_rss, format_table, mib, rss_bytes, timed
+from evaluation.bench.common import PeakRSS, children_peak_rss, format_table, mib, rss_bytes, thread_count, timed
 
 BAR_RATIO = 0.90
 MAX_PREPARED_BYTES = 256 * 2**20  # distinct prepared items held in memory for the bare forward
@@ -100,12 +101,11 @@ def bench_encode(model: str, n: int = 10_000, device: str = "auto", batch_size: 
     encoder = load_encoder(model, device=device)
     image_size = image_size or encoder.config.image_size
     workers = default_workers() if workers is None else workers
-    old_threads = torch.get_num_threads()
-    threads = threads or old_threads
-    torch.set_num_threads(threads)
-    tmp = None if work_dir is not None else tempfile.TemporaryDirectory(prefix="bench-encode-")
-    root = Path(work_dir if work_dir is not None else tmp.name)
-    try:
+    workspace = (tempfile.TemporaryDirectory(prefix="bench-encode-") if work_dir is None
+                 else contextlib.nullcontext(str(work_dir)))
+    with workspace as folder, thread_count(threads):
+        root = Path(folder)
+        threads = torch.get_num_threads()
         with timed() as t_gen:
             corpus_path = make_shapesworld(root / "data", n=n, size=image_size, seed=seed, train_pairs=False,
                                            progress=progress)
@@ -136,10 +136,6 @@ def bench_encode(model: str, n: int = 10_000, device: str = "auto", batch_size: 
         bare_after = _bare_forward(encoder, batches, sizes, progress)  # a second pass: shows the noise
         load_after = os.getloadavg()[0]
         del batches
-    finally:
-        torch.set_num_threads(old_threads)
-        if tmp is not None:
-            tmp.cleanup()
 
     bare_seconds = min(bare_before, bare_after)  # the faster pass is the reference: the harder bar
     bare_ips = n / bare_seconds if bare_seconds > 0 else float("inf")

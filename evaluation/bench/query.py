@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.bench.common import format_table
+from evaluation.bench.common import format_table, thread_count
 
 BAR_MS = 30.0
 BAR_MIN_COUNT = 100_000
@@ -68,7 +68,7 @@ def bench_query(index: str | os.PathLike, n: int = 200, k: int = 10, warmup: int
     from tqdm import tqdm
 
     from retrieval.errors import RetrievalError
-    from retrieval.search import check_k, open_index, set_threads
+    from retrieval.search import check_k, open_index
 
     check_k(k)
     if n <= 0 or warmup < 0:
@@ -76,9 +76,7 @@ def bench_query(index: str | os.PathLike, n: int = 200, k: int = 10, warmup: int
     path = Path(index)
     if not path.is_dir():
         raise RetrievalError(f"index folder not found: {path}")
-    old_threads, old_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
-    set_threads(old_threads if threads is None else threads)
-    try:
+    with thread_count(threads):
         load_before = os.getloadavg()[0]
         with_open = time.perf_counter()
         idx = open_index(path, device=device)
@@ -98,10 +96,7 @@ def bench_query(index: str | os.PathLike, n: int = 200, k: int = 10, warmup: int
                 found.append(h)
             kinds[kind] = {"encode": _stats(enc), "search": _stats(sea), "total": _stats(tot),
                            "mean_hits": float(np.mean(found))}
-        faiss_threads = faiss.omp_get_max_threads()
-    finally:
-        torch.set_num_threads(old_threads)
-        faiss.omp_set_num_threads(old_faiss)
+        torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
     composed = kinds["composed"]["total"]["p50_ms"]
     info = idx.info
     applies = info["count"] >= BAR_MIN_COUNT and idx.encoder.device == "cpu"
@@ -114,7 +109,7 @@ def bench_query(index: str | os.PathLike, n: int = 200, k: int = 10, warmup: int
         "factory": info.get("factory"),
         "search_params": info.get("search_params"),
         "device": idx.encoder.device,
-        "torch_threads": threads,
+        "torch_threads": torch_threads,
         "faiss_threads": faiss_threads,
         "cpu_count": os.cpu_count(),
         "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
