@@ -116,14 +116,40 @@ def _clip(text: str, width: int) -> str:
 @models_app.command("list")
 def models_list() -> None:
     """Registered encoders with their dimensions and checkpoints."""
-    from retrieval.encoders.registry import default_checkpoint, list_configs
+    from retrieval.encoders.registry import default_checkpoint, family_class, list_configs
 
     rows = [("name", "family", "dim", "checkpoint", "description")]
     for name, config in list_configs().items():
         checkpoint = default_checkpoint(config)
-        rows.append((name, config.family, str(config.dim),
-                     str(checkpoint) if checkpoint else f"random init (seed {config.seed})", config.description))
+        if checkpoint:
+            where = str(checkpoint) if checkpoint.is_dir() else f"{checkpoint} (missing)"
+        else:
+            where = "none: import or train one" if family_class(config.family).requires_checkpoint else \
+                f"random init (seed {config.seed})"
+        rows.append((name, config.family, str(config.dim), where, config.description))
     _echo_table(rows)
+
+
+IMPORTERS = {"fuselip": "retrieval.encoders.fuselip.official:import_fuselip"}
+
+
+@models_app.command("import")
+def models_import(
+    family: str = typer.Argument(..., help="fuselip"),
+    source: Path = typer.Argument(..., help="The official checkpoint (fuselip: folder with config.json and "
+                                            "pytorch_model.bin)."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (our format)."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="fuselip: folder with CLIP's vocab.json and "
+                                                                    "merges.txt (default: SOURCE)."),
+) -> None:
+    """Convert an official checkpoint to our format, offline; strict about every key."""
+    import importlib
+
+    if family not in IMPORTERS:
+        raise RetrievalError(f"no importer for {family!r}; known: {', '.join(IMPORTERS)}")
+    module, function = IMPORTERS[family].split(":")
+    path = getattr(importlib.import_module(module), function)(source, out, tokenizer=tokenizer)
+    typer.echo(f"imported {source} → {path} (use it as --model {path})")
 
 
 @data_app.command("make")
@@ -145,6 +171,45 @@ def data_make(
     typer.echo(f"wrote {meta['items']} items to {manifest} (splits {meta['splits']}); tasks: {tasks}")
     if meta["train_pairs"] is not None:
         typer.echo(f"training pairs: {meta['train_pairs']} in {meta['train_groups']} groups ({out}/train/pairs.jsonl)")
+
+
+@app.command("train")
+def train_(
+    what: str = typer.Argument(..., help="`tokenizer`, a registered model (from scratch) or a checkpoint folder "
+                                         "(fine-tune)."),
+    data: list[Path] = typer.Option(..., "--data", help="Benchmark folder with training pairs (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (rerun to resume)."),
+    tokenizers: Path | None = typer.Option(None, "--tokenizers",
+                                           help="`train tokenizer` output for a model from scratch "
+                                                "(default: the bundled tokenizers)."),
+    steps: int = typer.Option(1000, "--steps"),
+    batch_size: int = typer.Option(128, "--batch-size", help="Pairs per batch, cut from whole groups."),
+    lr: float = typer.Option(1e-3, "--lr"),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW decay on ≥2-D parameters."),
+    warmup: int = typer.Option(100, "--warmup", help="Linear warm-up steps, then cosine to 0."),
+    seed: int = typer.Option(0, "--seed"),
+    vocab_size: int = typer.Option(1024, "--vocab-size", help="tokenizer: BPE vocabulary size."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Train the tokenizers or a model on the training pairs of benchmark folders."""
+    from retrieval.training.pairs import read_pairs
+
+    if what == "tokenizer":
+        from retrieval.encoders.fuselip.vq import ConvVQConfig
+        from retrieval.training.tokenizers import train_tokenizers
+
+        stats = train_tokenizers(read_pairs(data), out, ConvVQConfig(), vocab_size=vocab_size, steps=steps,
+                                 batch_size=batch_size, seed=seed)
+        typer.echo(json.dumps(stats))
+        return
+    from retrieval.training.loop import TrainConfig
+    from retrieval.training.run import train_model
+
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                         seed=seed)
+    summary = train_model(what, data, out, config, tokenizers=tokenizers, device=device)
+    typer.echo(f"trained {what} for {summary['steps_done']} steps on {summary['pairs']} pairs "
+               f"(final loss {summary['final_loss']:.4f}) → {out}")
 
 
 @app.command("eval")

@@ -69,6 +69,12 @@ def image_to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tu
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def squash_to_array(img: Image.Image, size: int) -> np.ndarray:
+    """Resize to size×size ignoring the aspect ratio (bicubic), scale to [0,1]: float32 CHW, no normalisation."""
+    arr = np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
 def save_image(image: Image.Image, path: str | os.PathLike, durable: bool = True) -> None:
     """Write an image atomically, in the format its suffix names (fsynced unless not `durable`)."""
     path = Path(path)

@@ -64,6 +64,7 @@ class Encoder:
     """
 
     fusion: str = "early"
+    requires_checkpoint: bool = False  # True where random weights cannot run (e.g. no tokenizer without one)
 
     def __init__(self, config: EncoderConfig, model: torch.nn.Module, device: str = "cpu",
                  checkpoint: str | None = None):

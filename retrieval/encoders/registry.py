@@ -17,6 +17,7 @@ CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 # family -> "module:Class"; a family module is imported only when one of its models is loaded
 FAMILIES = {
     "test": "retrieval.encoders.test_tiny:TinyTestEncoder",
+    "fuselip": "retrieval.encoders.fuselip:FuseLIPEncoder",
 }
 
 
@@ -74,6 +75,9 @@ def load_encoder(name_or_checkpoint: str | os.PathLike, device: str = "auto") ->
         get_config(str(name_or_checkpoint))  # raises with the list of registered models
         raise AssertionError("unreachable")
     cls = family_class(config.family)
+    if checkpoint is None and cls.requires_checkpoint:
+        raise RetrievalError(f"{config.name} has no bundled weights; import or train a checkpoint "
+                             f"(`retrieval models import`, `retrieval train`) and pass its folder as the model")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = cls.build_model(config)

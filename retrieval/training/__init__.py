@@ -1,0 +1,1 @@
+"""Training: pairs from benchmark folders, grouped batches, one loop shared by every encoder family."""

@@ -1,0 +1,96 @@
+"""FuseLIP's objective: SigLIP on the query and target embeddings + 0.25 × masked multimodal modelling.
+
+Both sides go through the same encoder; the contrastive embeddings come from the same masked pass that
+the mask-prediction head reads. The image tokenizer is frozen, so every training image is tokenised once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from retrieval.encoders.fuselip import FuseLIPEncoder
+from retrieval.images import load_image, squash_to_array
+from retrieval.training.losses import mask_tokens, masked_token_loss, siglip_loss
+from retrieval.training.pairs import Pair
+
+MAX_LOGIT_SCALE = float(torch.log(torch.tensor(100.0)))
+
+
+class FuseLIPObjective:
+    def __init__(self, encoder: FuseLIPEncoder, pairs: list[Pair], mask_probability: float = 0.1,
+                 mmm_weight: float = 0.25, device: str = "cpu", progress: bool = True):
+        self.encoder = encoder
+        self.model = encoder.model
+        self.mask_probability = mask_probability
+        self.mmm_weight = mmm_weight
+        self.device = device
+        images = sorted({p for pair in pairs for p in (pair.query_image, pair.target_image) if p})
+        self.image_rows = {path: i for i, path in enumerate(images)}
+        self.codes = tokenize_images(encoder, images, progress)
+        self._text_rows: dict[str, list[int]] = {}
+        ids = self.model.config.special_ids
+        self.never_masked = [ids.eot, ids.pad] + ([ids.mask] if ids.mask is not None else [])
+
+    def text_row(self, text: str | None) -> list[int]:
+        text = text or ""
+        if text not in self._text_rows:
+            self._text_rows[text] = self.encoder.tokenizer.row(text, self.model.config.context_length)
+        return self._text_rows[text]
+
+    def sequences(self, items: list[tuple[str | None, str | None]]) -> torch.Tensor:
+        """Joint ids for (image path, text) items, with the cached image codes."""
+        has_image = torch.tensor([image is not None for image, _ in items])
+        codes = self.codes[[self.image_rows[image] if image else 0 for image, _ in items]]
+        text = torch.tensor([self.text_row(t) for _, t in items])
+        return self.model.sequence(codes, has_image, text)
+
+    def batch(self, pairs: list[Pair], generator: torch.Generator) -> dict[str, Any]:
+        targets = list(dict.fromkeys(p.target for p in pairs))  # equal targets are scored once
+        column = {t: j for j, t in enumerate(targets)}
+        positives = torch.zeros(len(pairs), len(targets), dtype=torch.bool)
+        positives[torch.arange(len(pairs)), torch.tensor([column[p.target] for p in pairs])] = True
+        sides = {}
+        for name, items in (("left", [(p.query_image, p.query_text) for p in pairs]), ("right", targets)):
+            ids = self.sequences(items)
+            masked, where = mask_tokens(ids, self.mask_probability, self.model.config.special_ids.mask,
+                                        self.never_masked, generator)
+            sides[name] = (ids.to(self.device), masked.to(self.device), where.to(self.device))
+        return {"sides": sides, "positives": positives.to(self.device)}
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        model, embeddings, mmm = self.model, [], 0.0
+        for ids, masked, where in batch["sides"].values():
+            hidden = model.hidden(masked)
+            embeddings.append(F.normalize(model.pool(hidden, masked).float(), dim=-1))
+            logits = model.mask_prediction_head(hidden[where], model.token_embedding.weight)
+            mmm = mmm + masked_token_loss(logits, ids[where])
+        contrastive = siglip_loss(*embeddings, batch["positives"], model.logit_scale, model.logit_bias)
+        loss = contrastive + self.mmm_weight * mmm
+        return loss, {"siglip": contrastive.item(), "mmm": float(mmm.detach())}
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def save(self, out: Path) -> None:
+        self.encoder.save(out)
+
+
+@torch.no_grad()
+def tokenize_images(encoder: FuseLIPEncoder, paths: list[str], progress: bool = True,
+                    batch_size: int = 256) -> torch.Tensor:
+    """Codebook indices [n, N] of every image, by the encoder's frozen image tokenizer."""
+    tokenizer = encoder.model.image_tokenizer.eval()
+    device = next(tokenizer.parameters()).device
+    size = encoder.config.image_size
+    out = torch.zeros(max(1, len(paths)), tokenizer.num_tokens, dtype=torch.long)
+    for start in tqdm(range(0, len(paths), batch_size), desc="tokenise images", unit="batch", disable=not progress):
+        chunk = paths[start:start + batch_size]
+        pixels = torch.stack([torch.from_numpy(squash_to_array(load_image(p), size)) for p in chunk])
+        out[start:start + len(chunk)] = tokenizer(pixels.to(device)).cpu()
+    return out

@@ -1,0 +1,83 @@
+"""Training pairs (query → target) read from benchmark folders, and batches made of whole groups.
+
+Pairs of one group (every transform of one image, every question on one scene) land in the same
+batch, so they are each other's hard negatives; FuseLIP's TGIT and position results depend on it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluation.benchmark_folder import PAIRS, read_dataset
+from retrieval.errors import RetrievalError
+from retrieval.files import read_jsonl
+
+
+@dataclass(frozen=True)
+class Pair:
+    group: str
+    task: str
+    query_image: str | None
+    query_text: str | None
+    target_image: str | None
+    target_text: str | None
+
+    @property
+    def target(self) -> tuple[str | None, str | None]:
+        """What the target is; two pairs with the same target are both positives for either query."""
+        return self.target_image, self.target_text or None
+
+
+def read_pairs(data_dirs: list[str | os.PathLike]) -> list[Pair]:
+    """Every training pair of the given benchmark folders, image paths absolute, groups made unique."""
+    pairs = []
+    for folder in data_dirs:
+        meta = read_dataset(folder)
+        path = Path(folder) / PAIRS
+        if not path.is_file():
+            raise RetrievalError(f"{folder} has no training pairs; make it without --no-train-pairs")
+        base = path.parent
+
+        def image(rel: str | None, base: Path = base) -> str | None:
+            return str((base / rel).resolve()) if rel else None
+
+        pairs.extend(Pair(group=f"{meta['name']}/{r['group']}", task=f"{meta['name']}/{r['task']}",
+                          query_image=image(r["query_image"]), query_text=r["query_text"],
+                          target_image=image(r["target_image"]), target_text=r["target_text"])
+                     for r in read_jsonl(path))
+    if not pairs:
+        raise RetrievalError("no training pairs in " + ", ".join(map(str, data_dirs)))
+    return pairs
+
+
+def groups_of(pairs: list[Pair]) -> list[list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(p.group, []).append(i)
+    return list(groups.values())
+
+
+def grouped_batches(groups: list[list[int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffle the groups (deterministically per epoch), concatenate them, cut full batches."""
+    order = list(groups)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    flat = [i for g in order for i in g]
+    return [flat[s:s + batch_size] for s in range(0, len(flat) - batch_size + 1, batch_size)]
+
+
+def batch_stream(groups: list[list[int]], batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+    """Batches from step `start` on, epoch after epoch; the same steps for the same seed, so runs resume."""
+    if sum(len(g) for g in groups) < batch_size:
+        raise RetrievalError(f"fewer training pairs than one batch of {batch_size}")
+    epoch, step = 0, 0
+    while True:
+        batches = grouped_batches(groups, batch_size, seed, epoch)
+        for batch in batches:
+            if step >= start:
+                yield batch
+            step += 1
+        epoch += 1

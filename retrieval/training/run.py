@@ -1,0 +1,64 @@
+"""What `retrieval train` does: pick the model's objective, build or load the model, run the loop."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retrieval.encoders.base import Encoder
+from retrieval.encoders.registry import CHECKPOINT_DIR, family_class, get_config, list_configs, load_encoder
+from retrieval.errors import RetrievalError
+from retrieval.training.loop import TrainConfig, train
+from retrieval.training.pairs import read_pairs
+
+BUNDLED_TOKENIZERS = CHECKPOINT_DIR / "tokenizers"
+
+
+def objective_for(encoder: Encoder, pairs, device: str, progress: bool):
+    """The family's loss (one trainer; the objective is what differs between families)."""
+    if encoder.config.family == "fuselip":
+        from retrieval.training.fuselip import FuseLIPObjective
+
+        return FuseLIPObjective(encoder, pairs, device=device, progress=progress)
+    raise RetrievalError(f"models of family {encoder.config.family!r} cannot be trained")
+
+
+def fresh_encoder(name: str, tokenizers: str | os.PathLike | None) -> Encoder:
+    """A registered model with initial weights (seeded) and the tokenizers from a `train tokenizer` folder."""
+    from retrieval.training.tokenizers import load_tokenizers
+
+    config = get_config(name)
+    cls = family_class(config.family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = cls.build_model(config)
+    image_config = model.config.image_tokenizer
+    text, image_state = load_tokenizers(tokenizers or BUNDLED_TOKENIZERS, image_config)
+    model.image_tokenizer.load_state_dict(image_state)
+    return cls(replace(config, checkpoint=None), model, tokenizer=text)
+
+
+def train_model(model: str, data: list[str | os.PathLike], out: str | os.PathLike, config: TrainConfig,
+                tokenizers: str | os.PathLike | None = None, device: str = "auto",
+                progress: bool = True) -> dict[str, Any]:
+    """Train registered model `model` from scratch, or fine-tune a checkpoint folder, on `data`'s pairs."""
+    from retrieval.devices import resolve_device
+
+    device = resolve_device(device)
+    pairs = read_pairs(data)
+    if (Path(model) / "config.json").is_file():
+        if tokenizers:
+            raise RetrievalError("--tokenizers is for training a registered model from scratch; a checkpoint "
+                                 "folder brings its own")
+        encoder = load_encoder(model, device="cpu")
+    elif model in list_configs():
+        encoder = fresh_encoder(model, tokenizers)
+    else:
+        raise RetrievalError(f"{model!r} is neither a registered model nor a checkpoint folder")
+    objective = objective_for(encoder, pairs, device, progress)
+    torch.manual_seed(config.seed)
+    return train(objective, pairs, config, out, device=device, progress=progress)
