@@ -188,6 +188,8 @@ def train_(
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW decay on ≥2-D parameters."),
     warmup: int = typer.Option(100, "--warmup", help="Linear warm-up steps, then cosine to 0."),
     seed: int = typer.Option(0, "--seed"),
+    repeat: list[str] = typer.Option([], "--repeat", help="NAME=K: take data set NAME's groups K times per epoch "
+                                                          "(repeatable)."),
     vocab_size: int = typer.Option(1024, "--vocab-size", help="tokenizer: BPE vocabulary size."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -205,8 +207,14 @@ def train_(
     from retrieval.training.loop import TrainConfig
     from retrieval.training.run import train_model
 
+    repeats = {}
+    for item in repeat:
+        name, _, times = item.partition("=")
+        if not times.isdigit() or int(times) < 1:
+            raise RetrievalError(f"--repeat takes NAME=K with K ≥ 1, not {item!r}")
+        repeats[name] = int(times)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
-                         seed=seed)
+                         seed=seed, repeats=repeats)
     summary = train_model(what, data, out, config, tokenizers=tokenizers, device=device)
     typer.echo(f"trained {what} for {summary['steps_done']} steps on {summary['pairs']} pairs "
                f"(final loss {summary['final_loss']:.4f}) → {out}")

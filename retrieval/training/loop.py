@@ -37,6 +37,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     save_every: int = 100
+    repeats: dict[str, int] = dataclasses.field(default_factory=dict)  # data set → times per epoch
 
 
 class Objective(Protocol):
@@ -78,7 +79,7 @@ def train(objective: Objective, pairs: list[Pair], config: TrainConfig, out: str
     start, history = resume(out, run, model, optimizer, device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                 else contextlib.nullcontext())
-    batches = batch_stream(groups_of(pairs), config.batch_size, config.seed, start)
+    batches = batch_stream(groups_of(pairs, config.repeats), config.batch_size, config.seed, start)
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress)
     t0 = time.time()
     for step in range(start, config.steps):

@@ -54,11 +54,16 @@ def read_pairs(data_dirs: list[str | os.PathLike]) -> list[Pair]:
     return pairs
 
 
-def groups_of(pairs: list[Pair]) -> list[list[int]]:
+def groups_of(pairs: list[Pair], repeats: dict[str, int] | None = None) -> list[list[int]]:
+    """Pair indices by group; a data set named in `repeats` has each of its groups that many times per epoch."""
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(pairs):
         groups.setdefault(p.group, []).append(i)
-    return list(groups.values())
+    names = {p.group.split("/", 1)[0] for p in pairs}
+    unknown = sorted(set(repeats or {}) - names)
+    if unknown:
+        raise RetrievalError(f"--repeat names data sets not in the training data: {', '.join(unknown)}")
+    return [g for key, g in groups.items() for _ in range((repeats or {}).get(key.split("/", 1)[0], 1))]
 
 
 def grouped_batches(groups: list[list[int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -1,0 +1,101 @@
+"""The bundled `fuselip-tiny`: it loads offline from the repository, is small, and answers composed
+queries through the real CLI (index build → search) and `retrieval eval` well above chance."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from evaluation.shapesworld import make_shapesworld
+from evaluation.transforms import Transform, all_rotations
+from retrieval.encoders.registry import default_checkpoint, get_config, load_encoder
+from retrieval.images import load_image, save_image
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """ShapesWorld at the size fuselip-tiny was trained on (64 px), without training pairs."""
+    root = tmp_path_factory.mktemp("shapes64")
+    make_shapesworld(root, n=200, size=64, seed=0, train_pairs=False, progress=False)
+    return root
+
+
+def test_bundled_checkpoint_is_complete_and_small():
+    folder = default_checkpoint(get_config("fuselip-tiny"))
+    files = {p.name: p.stat().st_size for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    assert sum(files.values()) <= 20 * 2**20
+    encoder = load_encoder("fuselip-tiny", device="cpu")
+    assert encoder.fusion == "early" and encoder.dim == 192
+    vectors = encoder.encode(texts=["a red circle", "rotate 90 degrees clockwise"])
+    assert vectors.shape == (2, 192)
+
+
+def _test_scenes(shapes: Path, n: int) -> list[dict]:
+    corpus = [json.loads(line) for line in (shapes / "corpus.jsonl").read_text().splitlines()]
+    return [r for r in corpus if r["split"] == "test"][:n]
+
+
+def _search_top(index: Path, image: Path, text: str) -> str:
+    out = run_cli("search", "--index", index, "--image", image, "--text", text, "-k", "3", "--json",
+                  "--device", "cpu").stdout
+    return json.loads(out)[0]["id"]
+
+
+@pytest.mark.xfail(strict=True, reason="fuselip-tiny (29 min on 2 cores) ranks the unrotated source image first: "
+                   "its composed embedding still leans on the image (issue 4, left open)")
+def test_search_finds_the_rotated_image(shapes, tmp_path):
+    """`index build` over the test scenes plus the 90° clockwise rotation of five of them; each of those five
+    + "rotate 90 degrees clockwise" finds its own rotation at rank 1 (not itself, not another rotation)."""
+    scenes = _test_scenes(shapes, 20)
+    rows = [{"id": r["id"], "image": str(shapes / r["image"])} for r in scenes]
+    for r in scenes[:5]:
+        path = tmp_path / f"{r['id']}-90-cw.png"
+        save_image(Transform("rotate", (90, True)).apply(load_image(shapes / r["image"])), path)
+        rows.append({"id": path.stem, "image": str(path)})
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_cli("index", "build", tmp_path / "corpus.jsonl", "--model", "fuselip-tiny", "--out", tmp_path / "idx",
+            "--device", "cpu")
+    for r in scenes[:5]:
+        assert _search_top(tmp_path / "idx", shapes / r["image"], "rotate 90 degrees clockwise") == f"{r['id']}-90-cw"
+
+
+@pytest.mark.xfail(strict=True, reason="fuselip-tiny confuses 90° clockwise with counter-clockwise (tgit rotate "
+                   "top-1 0.29; issue 4, left open)")
+def test_search_tells_the_rotation_apart(shapes, tmp_path):
+    """The harder TGIT form: all 18 rotations (10°–90°, both ways) of five test images in one index."""
+    rows = []
+    scenes = _test_scenes(shapes, 5)
+    for r in scenes:
+        image = load_image(shapes / r["image"])
+        for t in all_rotations():
+            path = tmp_path / f"{r['id']}-{t.params[0]}-{'cw' if t.params[1] else 'ccw'}.png"
+            save_image(t.apply(image), path)
+            rows.append({"id": path.stem, "image": str(path)})
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_cli("index", "build", tmp_path / "corpus.jsonl", "--model", "fuselip-tiny", "--out", tmp_path / "idx",
+            "--device", "cpu")
+    for r in scenes:
+        assert _search_top(tmp_path / "idx", shapes / r["image"], "rotate 90 degrees clockwise") == f"{r['id']}-90-cw"
+
+
+def test_eval_is_far_above_chance(shapes, tmp_path):
+    """tgit, vqa and t2i beat chance by more than 3 binomial standard errors of a chance-level model: a broken
+    preprocessing or loading path falls to chance. (`pos` has 12 queries here, too few to tell its weaker signal
+    from chance; the closing note of issue 4 has it on the full test split.)"""
+    run_cli("eval", "tgit,vqa,t2i", "--model", "fuselip-tiny", "--data", shapes, "--json",
+            tmp_path / "eval.json", "--device", "cpu")
+    rows = {r["task"]: r for r in json.loads((tmp_path / "eval.json").read_text())["results"]}
+    for task in ("tgit", "vqa", "t2i"):
+        row = rows[task]
+        score, chance, n = row["metrics"][row["primary"]], row["chance"], row["queries"]
+        assert score > chance + 3 * math.sqrt(chance * (1 - chance) / n), (task, score, chance, n)
+
+
+def test_transform_names_match_the_training_instructions():
+    """The query strings used above are the ones the model was trained on."""
+    assert Transform("rotate", (90, True)).instruction == "rotate 90 degrees clockwise"
