@@ -55,9 +55,17 @@ def default_checkpoint(config: EncoderConfig) -> Path | None:
     return path if path.is_absolute() else CHECKPOINT_DIR / path
 
 
+def initial_model(config: EncoderConfig):
+    """The family's model for `config` with its initial weights, drawn from `config.seed` alone."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return family_class(config.family).build_model(config)
+
+
 def load_encoder(name_or_checkpoint: str | os.PathLike, device: str = "auto") -> Encoder:
     """Build an encoder from a registered name or a checkpoint folder (config.json + model.safetensors)."""
-    import torch
 
     from retrieval.devices import resolve_device
 
@@ -78,9 +86,7 @@ def load_encoder(name_or_checkpoint: str | os.PathLike, device: str = "auto") ->
     if checkpoint is None and cls.requires_checkpoint:
         raise RetrievalError(f"{config.name} has no bundled weights; import or train a checkpoint "
                              f"(`retrieval models import`, `retrieval train`) and pass its folder as the model")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = cls.build_model(config)
+    model = initial_model(config)
     if checkpoint is not None:
         weights = checkpoint / "model.safetensors"
         if not weights.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -10,21 +11,31 @@ from typing import Any
 import torch
 
 from retrieval.encoders.base import Encoder
-from retrieval.encoders.registry import CHECKPOINT_DIR, family_class, get_config, list_configs, load_encoder
+from retrieval.encoders.registry import (
+    CHECKPOINT_DIR,
+    family_class,
+    get_config,
+    initial_model,
+    list_configs,
+    load_encoder,
+)
 from retrieval.errors import RetrievalError
 from retrieval.training.loop import TrainConfig, train
-from retrieval.training.pairs import read_pairs
+from retrieval.training.pairs import Pair, read_pairs
 
 BUNDLED_TOKENIZERS = CHECKPOINT_DIR / "tokenizers"
 
 
-def objective_for(encoder: Encoder, pairs, device: str, progress: bool):
-    """The family's loss (one trainer; the objective is what differs between families)."""
-    if encoder.config.family == "fuselip":
-        from retrieval.training.fuselip import FuseLIPObjective
+# family -> "module:Class" of its training objective (one loop; the objective is what differs)
+OBJECTIVES = {"fuselip": "retrieval.training.fuselip:FuseLIPObjective"}
 
-        return FuseLIPObjective(encoder, pairs, device=device, progress=progress)
-    raise RetrievalError(f"models of family {encoder.config.family!r} cannot be trained")
+
+def objective_for(encoder: Encoder, pairs: list[Pair], device: str, progress: bool):
+    family = encoder.config.family
+    if family not in OBJECTIVES:
+        raise RetrievalError(f"models of family {family!r} cannot be trained; trainable: {', '.join(OBJECTIVES)}")
+    module, cls = OBJECTIVES[family].split(":")
+    return getattr(importlib.import_module(module), cls)(encoder, pairs, device=device, progress=progress)
 
 
 def fresh_encoder(name: str, tokenizers: str | os.PathLike | None) -> Encoder:
@@ -32,14 +43,10 @@ def fresh_encoder(name: str, tokenizers: str | os.PathLike | None) -> Encoder:
     from retrieval.training.tokenizers import load_tokenizers
 
     config = get_config(name)
-    cls = family_class(config.family)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = cls.build_model(config)
-    image_config = model.config.image_tokenizer
-    text, image_state = load_tokenizers(tokenizers or BUNDLED_TOKENIZERS, image_config)
+    model = initial_model(config)
+    text, image_state = load_tokenizers(tokenizers or BUNDLED_TOKENIZERS, model.config.image_tokenizer)
     model.image_tokenizer.load_state_dict(image_state)
-    return cls(replace(config, checkpoint=None), model, tokenizer=text)
+    return family_class(config.family)(replace(config, checkpoint=None), model, tokenizer=text)
 
 
 def train_model(model: str, data: list[str | os.PathLike], out: str | os.PathLike, config: TrainConfig,
