@@ -6,6 +6,7 @@ against hand computations; the objective and a few training steps. The importer 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -494,3 +495,48 @@ def test_tokenizer_wider_than_text_vocab_is_refused(bpe):
     config.model = dict(config.model, text_vocab=100, image_offset=100)
     with pytest.raises(RetrievalError, match="reserves 100 text ids"):
         FuseLIPEncoder(config, FuseLIPEncoder.build_model(config), tokenizer=bpe)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_weights(bpe, pair_images, tmp_path):
+    """Killed after the step-2 save, a rerun starts at step 2 and ends with the weights of an unbroken run."""
+    from retrieval.training.loop import STATE_FILE, TrainConfig, train
+
+    pairs = make_pairs(pair_images)
+    config = TrainConfig(steps=5, batch_size=4, warmup=1, save_every=2)
+    unbroken = FuseLIPObjective(tiny_encoder(bpe, seed=3), pairs, progress=False)
+    train(unbroken, pairs, config, tmp_path / "unbroken", progress=False)
+
+    broken = FuseLIPObjective(tiny_encoder(bpe, seed=3), pairs, progress=False)
+    real_loss, calls = broken.loss, []
+
+    def dying_loss(batch):
+        calls.append(1)
+        if len(calls) == 4:  # step 3 (0-based), after the state of step 2 was saved
+            raise _Interrupt
+        return real_loss(batch)
+
+    broken.loss = dying_loss
+    with pytest.raises(_Interrupt):
+        train(broken, pairs, config, tmp_path / "broken", progress=False)
+    assert torch.load(tmp_path / "broken" / STATE_FILE, weights_only=True)["step"] == 2
+    resumed = FuseLIPObjective(tiny_encoder(bpe, seed=4), pairs, progress=False)  # other initial weights
+    summary = train(resumed, pairs, config, tmp_path / "broken", progress=False)
+    assert summary["steps_done"] == 5
+    history = json.loads((tmp_path / "broken" / "train.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    for key, value in unbroken.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_with_other_settings_is_refused(bpe, pair_images, tmp_path):
+    from retrieval.training.loop import TrainConfig, train
+
+    pairs = make_pairs(pair_images)
+    objective = FuseLIPObjective(tiny_encoder(bpe, seed=3), pairs, progress=False)
+    train(objective, pairs, TrainConfig(steps=2, batch_size=4, warmup=1), tmp_path / "run", progress=False)
+    with pytest.raises(RetrievalError, match="other settings"):
+        train(objective, pairs, TrainConfig(steps=3, batch_size=4, warmup=1), tmp_path / "run", progress=False)

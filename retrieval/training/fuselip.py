@@ -29,12 +29,20 @@ class FuseLIPObjective:
         self.mask_probability = mask_probability
         self.mmm_weight = mmm_weight
         self.device = device
-        images = sorted({p for pair in pairs for p in (pair.query_image, pair.target_image) if p})
-        self.image_rows = {path: i for i, path in enumerate(images)}
-        self.codes = tokenize_images(encoder, images, progress)
+        self.images = sorted({p for pair in pairs for p in (pair.query_image, pair.target_image) if p})
+        self.image_rows = {path: i for i, path in enumerate(self.images)}
+        self.progress = progress
+        self._codes: torch.Tensor | None = None
         self._text_rows: dict[str, list[int]] = {}
         ids = self.model.config.special_ids
         self.never_masked = [ids.eot, ids.pad] + ([ids.mask] if ids.mask is not None else [])
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """Every training image's ids, made on first use: after a resumed run has restored the tokenizer."""
+        if self._codes is None:
+            self._codes = tokenize_images(self.encoder, self.images, self.progress)
+        return self._codes
 
     def text_row(self, text: str | None) -> list[int]:
         text = text or ""
