@@ -191,17 +191,18 @@ def train_(
     repeat: list[str] = typer.Option([], "--repeat", help="NAME=K: take data set NAME's groups K times per epoch "
                                                           "(repeatable)."),
     vocab_size: int = typer.Option(1024, "--vocab-size", help="tokenizer: BPE vocabulary size."),
+    for_model: str = typer.Option("fuselip-tiny", "--for", help="tokenizer: the registered model whose image "
+                                                                "tokenizer settings to train."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Train the tokenizers or a model on the training pairs of benchmark folders."""
     from retrieval.training.pairs import read_pairs
 
     if what == "tokenizer":
-        from retrieval.encoders.fuselip.vq import ConvVQConfig
-        from retrieval.training.tokenizers import train_tokenizers
+        from retrieval.training.tokenizers import image_tokenizer_config, train_tokenizers
 
-        stats = train_tokenizers(read_pairs(data), out, ConvVQConfig(), vocab_size=vocab_size, steps=steps,
-                                 batch_size=batch_size, seed=seed)
+        stats = train_tokenizers(read_pairs(data), out, image_tokenizer_config(for_model), vocab_size=vocab_size,
+                                 steps=steps, batch_size=batch_size, seed=seed)
         typer.echo(json.dumps(stats))
         return
     from retrieval.training.loop import TrainConfig

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from retrieval.encoders.fuselip import FuseLIPEncoder
-from retrieval.images import load_image, squash_to_array
+from retrieval.images import load_image
 from retrieval.training.losses import mask_tokens, masked_token_loss, siglip_loss
 from retrieval.training.pairs import Pair
 
@@ -95,10 +95,9 @@ def tokenize_images(encoder: FuseLIPEncoder, paths: list[str], progress: bool = 
     """Codebook indices [n, N] of every image, by the encoder's frozen image tokenizer."""
     tokenizer = encoder.model.image_tokenizer.eval()
     device = next(tokenizer.parameters()).device
-    size = encoder.config.image_size
     out = torch.zeros(max(1, len(paths)), tokenizer.num_tokens, dtype=torch.long)
     for start in tqdm(range(0, len(paths), batch_size), desc="tokenise images", unit="batch", disable=not progress):
         chunk = paths[start:start + batch_size]
-        pixels = torch.stack([torch.from_numpy(squash_to_array(load_image(p), size)) for p in chunk])
+        pixels = torch.stack([encoder.prepare(load_image(p), None)["pixels"] for p in chunk])
         out[start:start + len(chunk)] = tokenizer(pixels.to(device)).cpu()
     return out

@@ -26,6 +26,18 @@ IMAGE_CONFIG = "image_tokenizer.json"
 IMAGE_WEIGHTS = "image_tokenizer.safetensors"
 
 
+def image_tokenizer_config(model: str) -> ConvVQConfig:
+    """The conv-VQ settings that registered model `model` expects of its image tokenizer."""
+    from retrieval.encoders.fuselip import fuselip_config
+    from retrieval.encoders.registry import get_config
+
+    config = get_config(model)
+    image = fuselip_config(config).image_tokenizer if config.family == "fuselip" else None
+    if not isinstance(image, ConvVQConfig):
+        raise RetrievalError(f"{model} has no trainable image tokenizer")
+    return image
+
+
 def train_tokenizers(pairs: list[Pair], out: str | os.PathLike, config: ConvVQConfig, vocab_size: int = 1024,
                      steps: int = 2000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                      progress: bool = True) -> dict:
