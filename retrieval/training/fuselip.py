@@ -6,6 +6,7 @@ the mask-prediction head reads. The image tokenizer is frozen, so every training
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from retrieval.images import load_image
 from retrieval.training.losses import mask_tokens, masked_token_loss, siglip_loss
 from retrieval.training.pairs import Pair
 
-MAX_LOGIT_SCALE = float(torch.log(torch.tensor(100.0)))
+MAX_LOGIT_SCALE = math.log(100)
 
 
 class FuseLIPObjective:

@@ -8,7 +8,7 @@ by `image_offset` (49409 in the released models: the CLIP BPE, then [MASK]).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +35,6 @@ class FuseLIPConfig:
     mask_head: bool = True
     init_logit_scale: float = math.log(10)
     init_logit_bias: float = -10.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
@@ -49,12 +48,6 @@ class FuseLIPConfig:
         image_tokenizer = {"conv-vq": ConvVQConfig, "titok": TiTokConfig}[kind](**tok)
         ids = SpecialIds(**data.pop("special_ids"))
         return cls(context_length=context_length, special_ids=ids, image_tokenizer=image_tokenizer, **data)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("context_length")
-        out["image_tokenizer"] = self.image_tokenizer.to_dict()
-        return out
 
 
 def build_image_tokenizer(config: ConvVQConfig | TiTokConfig) -> nn.Module:
@@ -104,13 +97,13 @@ class FuseLIP(nn.Module):
         return codes
 
     def sequence(self, codes: torch.Tensor, has_image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Joint ids [B, L]: image ids first where there is an image, then the text row; cut to the context
-        length with EOT forced into the last place if it fell off, then trimmed to the longest first-EOT + 1."""
+        """Joint ids [B, L] from image codes [B, N] and text rows [B, context length] (`TextTokenizer.row`):
+        image ids first where there is an image, then the text row; cut to the context length with EOT forced
+        into the last place if it fell off, then trimmed to the longest first-EOT + 1."""
         eot, ctx = self.config.special_ids.eot, self.config.context_length
         with_image = torch.cat([codes + self.config.image_offset, text], dim=1)[:, :ctx]
         lost = ~(with_image == eot).any(1)
         with_image[lost, ctx - 1] = eot
-        text = F.pad(text, (0, ctx - text.shape[1]), value=self.config.special_ids.pad)[:, :ctx]
         ids = torch.where(has_image.bool()[:, None], with_image, text)
         length = int(first_eot(ids, eot).max()) + 1
         return ids[:, :length]
