@@ -23,6 +23,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 
 DEVICE_HELP = "auto | cpu | cuda"
+FUSION_HELP = ("Late-fusion models (sparc, fdt): how an image and a text become one vector, score | head "
+               "(default: score; for search, the index's).")
 # measured with `retrieval bench query` (100k index, 2 cores): composed p50 0.54 ms at 1 thread, 8 ms at 2
 QUERY_THREADS_HELP = "torch and FAISS threads: one query gains nothing from more, and waking them costs ms."
 
@@ -38,12 +40,16 @@ def encode(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | float16"),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad item instead of skipping it."),
     part_size: int = typer.Option(10_000, "--part-size", help="Items per Parquet part (the resume unit)."),
+    fusion: str | None = typer.Option(None, "--fusion", help=FUSION_HELP),
+    sparse_codes: bool = typer.Option(False, "--sparse-codes", help="fdt models: also store each item's active "
+                                                                    "codebook token ids and weights."),
 ) -> None:
     """Encode a corpus into a Parquet embedding store."""
     from retrieval.encode import encode_corpus
 
     summary = encode_corpus(corpus, out, model, batch_size=batch_size, workers=workers, device=device,
-                            dtype=dtype, strict=strict, part_size=part_size)
+                            dtype=dtype, strict=strict, part_size=part_size, fusion=fusion,
+                            sparse_codes=sparse_codes)
     typer.echo("\n".join(summary.lines()))
 
 
@@ -58,13 +64,15 @@ def index_build(
     target_recall: float = typer.Option(0.95, "--target-recall", help="ann_recall@10 that tuning aims for."),
     batch_size: int = typer.Option(256, "--batch-size", help="Encoding batch size (corpus SOURCE)."),
     workers: int | None = typer.Option(None, "--workers", help="Encoding loader processes."),
+    fusion: str | None = typer.Option(None, "--fusion", help=FUSION_HELP),
 ) -> None:
     """Build a FAISS index (index.faiss + index.json) from an embedding store or a corpus."""
     from retrieval.indexing import build_index_folder
 
     info = build_index_folder(source, out, model=model, index_key=index_key, device=device,
                               memory_budget=memory_budget, target_recall=target_recall,
-                              encode_options={"batch_size": batch_size, "workers": workers, "device": device})
+                              encode_options={"batch_size": batch_size, "workers": workers, "device": device,
+                                              "fusion": fusion})
     typer.echo(f"index {out}: {info['index_key']} over {info['count']} vectors (dim {info['dim']}), "
                f"{info['search_params'] or 'exact'}, ann_recall@10 {info['ann_recall@10']:.3f}, "
                f"built in {info['seconds']['total']:.1f} s on {info['device']}")
@@ -82,6 +90,11 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: int = typer.Option(1, "--threads", help=QUERY_THREADS_HELP),
+    fusion: str | None = typer.Option(None, "--fusion", help=FUSION_HELP),
+    rerank: int = typer.Option(0, "--rerank", help="Text → image with sparc models: re-score the best N images "
+                                                   "by fine-grained word-to-patch alignment."),
+    explain: Path | None = typer.Option(None, "--explain", help="Write a PNG showing, for each hit, which image "
+                                                                "patches each query word groups (sparc models)."),
 ) -> None:
     """Search an index with an image, a text, or both."""
     from retrieval.search import check_k, check_query, open_index, set_threads
@@ -89,7 +102,17 @@ def search(
     check_k(k)
     check_query(image, text)  # before loading the index and model, so a bad query fails at once
     set_threads(threads)
-    hits = open_index(index, device=device).search(image=image, text=text, k=k, where=where)
+    searcher = open_index(index, device=device, fusion=fusion)
+    if explain is not None:
+        from retrieval.explain import check_explain
+
+        check_explain(searcher.encoder, text)
+    hits = searcher.search(image=image, text=text, k=k, where=where, rerank=rerank)
+    if explain is not None:
+        from retrieval.explain import explain_hits
+
+        explain_hits(searcher.encoder, text, hits, explain)
+        typer.echo(f"wrote {explain}", err=as_json)
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, default=str))
         return
@@ -130,25 +153,33 @@ def models_list() -> None:
     _echo_table(rows)
 
 
-IMPORTERS = {"fuselip": "retrieval.encoders.fuselip.official:import_fuselip"}
+IMPORTERS = {"fuselip": "retrieval.encoders.fuselip.official:import_fuselip",
+             "fdt": "retrieval.encoders.fdt.official:import_fdt"}
 
 
 @models_app.command("import")
 def models_import(
-    family: str = typer.Argument(..., help="fuselip"),
-    source: Path = typer.Argument(..., help="The official checkpoint (fuselip: folder with config.json and "
-                                            "pytorch_model.bin)."),
+    family: str = typer.Argument(..., help="fuselip | fdt"),
+    source: Path = typer.Argument(..., help="The official checkpoint: fuselip, a folder with config.json and "
+                                            "pytorch_model.bin; fdt, the ckpt_*.pth.tar file."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (our format)."),
-    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="fuselip: folder with CLIP's vocab.json and "
-                                                                    "merges.txt (default: SOURCE)."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Folder with CLIP's vocab.json and merges.txt "
+                                                                    "(default: the checkpoint's folder)."),
+    temperature: float | None = typer.Option(None, "--temperature", help="fdt: the temperature T it was trained "
+                                                                         "with (1000 for the released models)."),
 ) -> None:
     """Convert an official checkpoint to our format, offline; strict about every key."""
     import importlib
 
     if family not in IMPORTERS:
         raise RetrievalError(f"no importer for {family!r}; known: {', '.join(IMPORTERS)}")
+    options = {"tokenizer": tokenizer}
+    if family == "fdt":
+        options["temperature"] = temperature
+    elif temperature is not None:
+        raise RetrievalError("--temperature is for fdt checkpoints")
     module, function = IMPORTERS[family].split(":")
-    path = getattr(importlib.import_module(module), function)(source, out, tokenizer=tokenizer)
+    path = getattr(importlib.import_module(module), function)(source, out, **options)
     typer.echo(f"imported {source} → {path} (use it as --model {path})")
 
 
@@ -234,6 +265,8 @@ def eval_(
     plot_out: Path | None = typer.Option(None, "--plot", help="Write a PNG bar chart."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(128, "--batch-size"),
+    rerank: int = typer.Option(0, "--rerank", help="Also score text → image tasks with the best N re-ranked by "
+                                                   "fine-grained alignment (sparc models): a 'rerank@N' row."),
 ) -> None:
     """Recall@k benchmarks: one table of every model (and fusion mode) × task."""
     from evaluation import report
@@ -243,7 +276,7 @@ def eval_(
         ks = [int(x) for x in k.split(",") if x.strip()]
     except ValueError:
         raise RetrievalError(f"--k must be comma-separated integers, not {k!r}") from None
-    result = run_eval(tasks, model, data=data, ks=ks, device=device, batch_size=batch_size)
+    result = run_eval(tasks, model, data=data, ks=ks, device=device, batch_size=batch_size, rerank=rerank)
     typer.echo("\n".join(report.summary_lines(result)))
     for path, write in ((json_out, report.write_json), (markdown_out, report.write_markdown),
                         (plot_out, report.plot)):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from evaluation.benchmark_folder import read_dataset
 from evaluation.data import DATASETS, default_data_dir
 from evaluation.metrics import chance_top1, mean_metrics, query_metrics
-from evaluation.tasks import Item, Task, list_tasks, read_task
+from evaluation.tasks import Item, Query, Task, list_tasks, read_task
 from retrieval.errors import RetrievalError
 
 if TYPE_CHECKING:
@@ -53,14 +53,21 @@ class EmbeddingCache:
         return np.stack([self.vectors[k] for k in keys]) if keys else np.zeros((0, self.encoder.dim), np.float32)
 
 
-def score_task(task: Task, queries: np.ndarray, candidates: np.ndarray, ks: Sequence[int]) -> dict[str, Any]:
-    """Rank each query's candidates by inner product; metrics per query, per type, and their means."""
+Rescorer = Callable[[Query, list[str], np.ndarray], np.ndarray]
+
+
+def score_task(task: Task, queries: np.ndarray, candidates: np.ndarray, ks: Sequence[int],
+               rescore: Rescorer | None = None) -> dict[str, Any]:
+    """Rank each query's candidates by inner product (then `rescore`, if given); metrics per query, per type,
+    and their means."""
     index = task.candidate_index()
     per_query, per_type, chance = [], {}, []
     for qi, q in enumerate(task.queries):
         cand = np.array([index[c] for c in q.candidates]) if q.candidates is not None else None
         scores = candidates @ queries[qi] if cand is None else candidates[cand] @ queries[qi]
         ids = q.candidates if q.candidates is not None else [c.id for c in task.candidates]
+        if rescore is not None:
+            scores = rescore(q, list(ids), scores)
         positives = set(q.positives)
         mask = np.array([c in positives for c in ids])
         metrics = query_metrics(scores, mask, ks)
@@ -80,14 +87,15 @@ def score_task(task: Task, queries: np.ndarray, candidates: np.ndarray, ks: Sequ
     return out
 
 
-def evaluate_task(task: Task, cache: EmbeddingCache, ks: Sequence[int]) -> dict[str, Any]:
+def evaluate_task(task: Task, cache: EmbeddingCache, ks: Sequence[int], rescore: Rescorer | None = None
+                  ) -> dict[str, Any]:
     """One result row (without model and fusion) for a task, embedding what the cache does not hold yet."""
     start = time.perf_counter()
     candidates = cache.embed(task.candidates, desc=f"{task.name} candidates")
     queries = cache.embed([q.item for q in task.queries], desc=f"{task.name} queries")
     row = {"dataset": task.dataset, "task": task.name, "primary": task.primary, "type_mean": task.by_type,
            "queries": len(task.queries), "candidates": len(task.candidates),
-           **score_task(task, queries, candidates, ks)}
+           **score_task(task, queries, candidates, ks, rescore)}
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -119,6 +127,27 @@ def select_tasks(names: str, data_dirs: Sequence[str | os.PathLike]) -> list[Pat
     return chosen
 
 
+def text_to_image(task: Task) -> bool:
+    """Whether every query is a text alone and every candidate an image alone (what re-ranking serves)."""
+    return (all(q.item.image is None and q.item.text for q in task.queries)
+            and all(c.image is not None and not c.text for c in task.candidates))
+
+
+def reranker(encoder, task: Task, n: int) -> Rescorer:
+    """Re-score each query's best `n` candidates by the model's fine-grained alignment (retrieval.rerank)."""
+    from retrieval.rerank import rerank_top
+
+    images = {c.id: c.image for c in task.candidates}
+
+    def rescore(query: Query, ids: list[str], scores: np.ndarray) -> np.ndarray:
+        order, _ = rerank_top(encoder, query.item.text, [images[i] for i in ids], scores, n)
+        ranked = np.empty(len(ids), np.float32)
+        ranked[order] = -np.arange(len(ids), dtype=np.float32)  # metrics only need the order
+        return ranked
+
+    return rescore
+
+
 def fusion_modes(encoder) -> tuple[str, ...]:
     """The fusion modes to evaluate: each of a late-fusion encoder's modes, else its one fusion."""
     return tuple(getattr(encoder, "fusion_modes", ())) or (encoder.fusion,)
@@ -127,10 +156,12 @@ def fusion_modes(encoder) -> tuple[str, ...]:
 def run_eval(tasks: str = "all", models: str | Sequence[str | Encoder] = "test-tiny",
              data: Sequence[str | os.PathLike] | None = None,
              ks: Sequence[int] = (1, 5, 10), device: str = "auto", batch_size: int = 128,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, rerank: int = 0) -> dict[str, Any]:
     """Evaluate every model (each fusion mode) on every selected task; returns the report dict.
 
     `models`: 'all', comma-separated names or checkpoint folders, or a list of names and loaded encoders.
+    `rerank` > 0 adds a row per model that can re-rank: its text → image tasks with the best `rerank`
+    candidates re-scored by fine-grained alignment (fusion column "rerank@N").
     """
     from retrieval.encoders import load_encoder
 
@@ -157,6 +188,11 @@ def run_eval(tasks: str = "all", models: str | Sequence[str | Encoder] = "test-t
             for task in loaded:
                 row = evaluate_task(task, cache, ks)
                 results.append({"model": name, "fusion": mode, **row})
+        if rerank and hasattr(encoder, "local_scores"):
+            cache = EmbeddingCache(encoder, batch_size, progress)
+            for task in filter(text_to_image, loaded):
+                row = evaluate_task(task, cache, ks, reranker(encoder, task, rerank))
+                results.append({"model": name, "fusion": f"rerank@{rerank}", **row})
     return {"format": EVAL_FORMAT, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "k": list(ks), "data": {read_dataset(d)["name"]: str(Path(d).resolve()) for d in data_dirs},
             "results": results}

@@ -107,7 +107,7 @@ def default_workers() -> int:
 def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model: str,
                   batch_size: int = 256, workers: int | None = None, device: str = "auto",
                   dtype: str = "float32", strict: bool = False, part_size: int = 10_000,
-                  progress: bool = True) -> EncodeSummary:
+                  progress: bool = True, fusion: str | None = None, sparse_codes: bool = False) -> EncodeSummary:
     """Encode a corpus into an embedding store at `out`, resuming a previous run of the same job."""
     import torch
     from tqdm import tqdm
@@ -120,9 +120,11 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
         raise RetrievalError("--batch-size and --part-size must be positive")
     started = time.perf_counter()
     corpus = read_corpus(corpus_path)
-    encoder = load_encoder(model, device=device)
+    encoder = load_encoder(model, device=device, fusion=fusion)
+    if sparse_codes and not encoder.extra_columns:
+        raise RetrievalError(f"{encoder.name} has no sparse codes to store (fdt models have)")
     out = Path(out)
-    manifest = _start_or_resume(out, corpus, encoder, dtype, part_size)
+    manifest = _start_or_resume(out, corpus, encoder, dtype, part_size, sparse_codes)
     n = len(corpus)
     done_parts = len(manifest["parts"])
     start = min(done_parts * part_size, n)
@@ -146,9 +148,13 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
         for (part, positions), (good, batch, bad) in zip(plan, loader):
             if strict and bad:
                 raise RetrievalError(f"--strict: item {dataset.ids[bad[0][0]]!r}: {bad[0][1]}")
-            vectors = encoder.embed(batch).numpy() if batch is not None else np.zeros((0, encoder.dim))
+            if batch is not None:
+                vectors, extra = encoder.embed_with_columns(batch, sparse_codes)
+                vectors = vectors.numpy()
+            else:
+                vectors, extra = np.zeros((0, encoder.dim)), {c: [] for c in manifest["extra_columns"]}
             last = positions[-1] == min((part + 1) * part_size, n) - 1
-            writer.put(part, good, vectors, bad, last)
+            writer.put(part, good, vectors, extra, bad, last)
             bar.update(len(positions))
         writer.close()
     except BaseException:
@@ -167,20 +173,24 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
                          resumed_from=start)
 
 
-def _start_or_resume(out: Path, corpus: Corpus, encoder, dtype: str, part_size: int) -> dict[str, Any]:
+def _start_or_resume(out: Path, corpus: Corpus, encoder, dtype: str, part_size: int,
+                     sparse_codes: bool) -> dict[str, Any]:
     """Return the committed manifest of this same job, or a fresh one; refuse a folder of another job."""
     job = {"corpus": {"source": str(corpus.source), "fingerprint": corpus.fingerprint, "items": len(corpus)},
-           "dtype": dtype, "part_size": part_size}
+           "dtype": dtype, "part_size": part_size,
+           "extra_columns": list(encoder.extra_columns) if sparse_codes else []}
     if (out / MANIFEST).is_file():
         from retrieval.store import EmbeddingStore
 
         manifest = EmbeddingStore(out).manifest
         same = (manifest["corpus"]["fingerprint"] == corpus.fingerprint
                 and manifest["encoder"]["weights_sha256"] == encoder.weights_sha256
-                and manifest["dtype"] == dtype and manifest["part_size"] == part_size)
+                and manifest["encoder"].get("fusion_mode") == encoder.describe().get("fusion_mode")
+                and manifest["dtype"] == dtype and manifest["part_size"] == part_size
+                and manifest.get("extra_columns", []) == job["extra_columns"])
         if not same:
-            raise RetrievalError(f"{out} holds a store of another corpus, model, dtype or part size; "
-                                 "use a new --out folder")
+            raise RetrievalError(f"{out} holds a store of another corpus, model, fusion mode, dtype, part size "
+                                 "or columns; use a new --out folder")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RetrievalError(f"{out} exists and is not an embedding store; use a new or empty --out folder")
     else:
@@ -216,15 +226,15 @@ class _PartWriter:
         self.columns = [c for c in corpus.table.column_names if c not in ("position", "error")]
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.failure: BaseException | None = None
-        self.pending: list[tuple[list[int], np.ndarray, list[tuple[int, str]]]] = []
+        self.pending: list[tuple[list[int], np.ndarray, dict[str, list], list[tuple[int, str]]]] = []
         self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self.thread.start()
 
-    def put(self, part: int, good: list[int], vectors: np.ndarray, bad: list[tuple[int, str]],
-            last: bool) -> None:
+    def put(self, part: int, good: list[int], vectors: np.ndarray, extra: dict[str, list],
+            bad: list[tuple[int, str]], last: bool) -> None:
         if self.failure:
             raise self.failure
-        self.queue.put((part, good, vectors, bad, last))
+        self.queue.put((part, good, vectors, extra, bad, last))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -239,8 +249,8 @@ class _PartWriter:
     def _run(self) -> None:
         try:
             while (item := self.queue.get()) is not None:
-                part, good, vectors, bad, last = item
-                self.pending.append((good, vectors, bad))
+                part, good, vectors, extra, bad, last = item
+                self.pending.append((good, vectors, extra, bad))
                 if last:
                     self._commit(part)
                     self.pending = []
@@ -250,8 +260,8 @@ class _PartWriter:
                 pass
 
     def _commit(self, part: int) -> None:
-        positions = [p for good, _, _ in self.pending for p in good]
-        bad = [b for _, _, batch_bad in self.pending for b in batch_bad]
+        positions = [p for good, _, _, _ in self.pending for p in good]
+        bad = [b for _, _, _, batch_bad in self.pending for b in batch_bad]
         first_row = self.manifest["count"]
         entry: dict[str, Any] = {"file": part_name(part), "count": len(positions),
                                  "rows": [first_row, first_row + len(positions)],
@@ -260,9 +270,13 @@ class _PartWriter:
                                  "errors": len(bad), "sha256": None}
         if positions:
             table = self.corpus.table.take(pa.array(positions, pa.int64())).select(self.columns)
-            vectors = np.concatenate([v for _, v, _ in self.pending if len(v)])
+            vectors = np.concatenate([v for _, v, _, _ in self.pending if len(v)])
             table = table.add_column(0, "row", pa.array(np.arange(*entry["rows"], dtype=np.int64)))
             table = table.append_column("embedding", embedding_array(vectors, self.dtype))
+            for column in self.manifest.get("extra_columns", []):
+                values = [v for _, _, extra, _ in self.pending for v in extra[column]]
+                kind = pa.int32() if column.endswith("_ids") else pa.float32()
+                table = table.append_column(column, pa.array(values, pa.list_(kind)))
             table = table.replace_schema_metadata({"retrieval.dim": str(vectors.shape[1]),
                                                    "retrieval.dtype": self.dtype})
             entry["sha256"] = write_part(self.out / entry["file"], table)

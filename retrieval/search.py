@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,8 @@ class Hit:
 class SearchIndex:
     """An index folder opened for queries, with its store and encoder checked against index.json."""
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", model: str | None = None):
+    def __init__(self, path: str | os.PathLike, device: str = "auto", model: str | None = None,
+                 fusion: str | None = None):
         import faiss
 
         from retrieval.encoders import load_encoder
@@ -67,6 +68,7 @@ class SearchIndex:
             raise RetrievalError(f"{self.path / INDEX_JSON} is not an index manifest")
         store_path = Path(self.info["store"]["path"])
         self.store = EmbeddingStore(store_path if store_path.is_absolute() else self.path / store_path)
+        self._metadata = None
         if self.store.fingerprint() != self.info["store"]["fingerprint"] or self.store.changed_parts(
                 self.info["store"].get("files", {})):
             raise RetrievalError(f"the store {self.store.path} changed since this index was built; "
@@ -81,13 +83,18 @@ class SearchIndex:
             else:
                 raise RetrievalError(f"the encoder of this index, {recorded['name']!r} "
                                      f"(checkpoint {checkpoint}), is not available here")
-        self.encoder = load_encoder(model, device=device)
+        self.encoder = load_encoder(model, device=device, fusion=fusion or recorded.get("fusion_mode"))
         if self.encoder.weights_sha256 != recorded["weights_sha256"] or self.encoder.dim != self.info["dim"]:
             raise RetrievalError(
                 f"encoder mismatch: this index was built with {recorded['name']!r} (dim {self.info['dim']}, "
                 f"weights {recorded['weights_sha256'][:12]}), but {model!r} is {self.encoder.name!r} "
                 f"(dim {self.encoder.dim}, weights {self.encoder.weights_sha256[:12]}); "
                 "rebuild the index with this encoder")
+        built_with = recorded.get("fusion_mode")
+        if built_with and self.encoder.fusion_mode != built_with and self.composed_rows():
+            raise RetrievalError(f"this index holds {self.composed_rows()} items with an image and a text, embedded "
+                                 f"with fusion {built_with!r}; search it with that fusion, or rebuild the index "
+                                 f"with --fusion {self.encoder.fusion_mode}")
         self.index = faiss.read_index(str(self.path / INDEX_FILE))
         if self.index.d != self.info["dim"] or self.index.ntotal != self.info["count"]:
             raise RetrievalError(f"{self.path / INDEX_FILE} does not match {INDEX_JSON}; rebuild the index")
@@ -100,7 +107,6 @@ class SearchIndex:
             if supports_gpu(self.index):
                 gpu_index, where = to_gpu(self.index, [])
                 self.gpu_index = gpu_index if where == "cuda" else None
-        self._metadata = None
 
     @property
     def metadata(self):
@@ -109,6 +115,16 @@ class SearchIndex:
             self._metadata = self.store.metadata().combine_chunks()  # one chunk: take() per query stays cheap
         return self._metadata
 
+    def composed_rows(self) -> int:
+        """How many stored items have both an image and a text (their vectors depend on the fusion mode)."""
+        import pyarrow.compute as pc
+
+        table = self.metadata
+        if "image" not in table.column_names or "text" not in table.column_names:
+            return 0
+        both = pc.and_(pc.is_valid(table["image"]), pc.greater(pc.utf8_length(table["text"]), 0))
+        return int(pc.sum(pc.fill_null(both, False)).as_py() or 0)
+
     def embed_query(self, image: str | os.PathLike | None = None, text: str | None = None) -> np.ndarray:
         """The query vector [1, dim] for an image, a text, or both."""
         text = check_query(image, text)
@@ -116,12 +132,22 @@ class SearchIndex:
                                    texts=[text] if text is not None else None)
 
     def search(self, image: str | os.PathLike | None = None, text: str | None = None, k: int = 10,
-               where: str | None = None) -> list[Hit]:
-        """The k best items for an image, a text or both, among rows matching `where` (SQL) if given."""
+               where: str | None = None, rerank: int = 0) -> list[Hit]:
+        """The k best items for an image, a text or both, among rows matching `where` (SQL) if given;
+        `rerank` > 0 re-scores the best that many images of a text query by fine-grained alignment."""
         check_k(k)
+        if rerank:
+            check_rerank(self.encoder, image, text, rerank)
         query = self.embed_query(image, text)
-        scores, rows = self.search_vectors(query, k, where)
-        return self.hits(scores[0], rows[0])
+        scores, rows = self.search_vectors(query, max(k, rerank), where)
+        hits = self.hits(scores[0], rows[0])
+        if rerank and hits:
+            from retrieval.rerank import rerank_top
+
+            order, new_scores = rerank_top(self.encoder, text, [h.image for h in hits],
+                                           np.array([h.score for h in hits]), rerank)
+            hits = [replace(hits[i], rank=r, score=float(s)) for r, (i, s) in enumerate(zip(order, new_scores), 1)]
+        return hits[:k]
 
     def search_vectors(self, queries: np.ndarray, k: int, where: str | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -209,6 +235,16 @@ def check_k(k: int) -> None:
         raise RetrievalError(f"k must be a positive integer, got {k}")
 
 
+def check_rerank(encoder, image, text: str | None, rerank: int) -> None:
+    from retrieval.rerank import check_reranker
+
+    if rerank < 0:
+        raise RetrievalError(f"--rerank must be ≥ 0, got {rerank}")
+    if image is not None or not (text and text.strip()):
+        raise RetrievalError("--rerank re-scores text → image results: give a --text and no --image")
+    check_reranker(encoder)
+
+
 def check_query(image, text: str | None) -> str | None:
     """The query's text (None when blank); a query with neither image nor text is refused."""
     text = text if text and text.strip() else None
@@ -232,6 +268,8 @@ def selector_params(index, selector, search_params: str | None):
     return None
 
 
-def open_index(path: str | os.PathLike, device: str = "auto", model: str | None = None) -> SearchIndex:
-    """Open an index folder made by `retrieval index build` for searching."""
-    return SearchIndex(path, device=device, model=model)
+def open_index(path: str | os.PathLike, device: str = "auto", model: str | None = None,
+               fusion: str | None = None) -> SearchIndex:
+    """Open an index folder made by `retrieval index build` for searching (`fusion`: a late-fusion model's
+    mode for composed queries; default: the one the index was built with)."""
+    return SearchIndex(path, device=device, model=model, fusion=fusion)

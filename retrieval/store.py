@@ -149,8 +149,10 @@ class EmbeddingStore:
         return rows.astype(np.int64), self.read_vectors(rows)
 
     def metadata(self) -> pa.Table:
-        """Every column but the embedding, for all rows in row order (row == position in this table)."""
-        columns = [c for c in pq.read_schema(self.part_paths[0]).names if c != "embedding"]
+        """Every column but the embedding and extra columns (sparse codes), for all rows in row order
+        (row == position in this table)."""
+        skip = {"embedding", *self.manifest.get("extra_columns", [])}
+        columns = [c for c in pq.read_schema(self.part_paths[0]).names if c not in skip]
         tables = [pq.read_table(p, columns=columns) for p in self.part_paths]
         return pa.concat_tables(tables) if tables else pa.table({})
 

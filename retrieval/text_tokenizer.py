@@ -22,6 +22,7 @@ TOKENIZER_FILE = "tokenizer.json"
 # our own BPE puts its special tokens first, so their ids are fixed whatever the corpus
 OWN_SPECIALS = ("<pad>", "<|startoftext|>", "<|endoftext|>", "[MASK]")
 MASK_TOKEN = "[MASK]"
+FDT_MASK_TOKEN = "<|mask|>"
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,11 @@ class TextTokenizer:
         return cls(Tokenizer.from_file(str(path)), ids)
 
     @classmethod
-    def from_clip_files(cls, folder: str | os.PathLike, mask: bool = True) -> TextTokenizer:
-        """The OpenAI CLIP BPE from a folder with vocab.json and merges.txt, plus [MASK] (id 49408) if `mask`."""
+    def from_clip_files(cls, folder: str | os.PathLike, mask: bool = True, mask_before: bool = False
+                        ) -> TextTokenizer:
+        """The OpenAI CLIP BPE from a folder with vocab.json and merges.txt, plus a mask token if `mask`: [MASK]
+        appended (id 49408, FuseLIP), or with `mask_before` <|mask|> put before SOT and EOT, which move up one
+        (mask 49406, SOT 49407, EOT 49408: FDT's vocabulary)."""
         from transformers import CLIPTokenizer
 
         folder = Path(folder)
@@ -85,13 +89,20 @@ class TextTokenizer:
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+        token = MASK_TOKEN
+        if mask and mask_before:
+            token = FDT_MASK_TOKEN
+            vocab[token] = vocab["<|startoftext|>"]
+            vocab["<|startoftext|>"] += 1
+            vocab["<|endoftext|>"] += 1
         backend = CLIPTokenizer(vocab=vocab, merges=merges).backend_tokenizer
-        if mask and backend.token_to_id(MASK_TOKEN) is None:
-            backend.add_special_tokens([MASK_TOKEN])
+        if mask and backend.token_to_id(token) is None:
+            backend.add_special_tokens([token])
         size = backend.get_vocab_size(with_added_tokens=True)
         ids = SpecialIds(sot=backend.token_to_id("<|startoftext|>"), eot=backend.token_to_id("<|endoftext|>"),
-                         pad=0, mask=backend.token_to_id(MASK_TOKEN) if mask else None)
-        expected = (size - 2 - mask, size - 1 - mask, size - 1 if mask else None)
+                         pad=0, mask=backend.token_to_id(token) if mask else None)
+        expected = ((size - 2, size - 1, size - 3) if mask and mask_before
+                    else (size - 2 - mask, size - 1 - mask, size - 1 if mask else None))
         if (ids.sot, ids.eot, ids.mask) != expected:
             raise RetrievalError(f"{folder}: CLIP special ids are not the last of the vocabulary: {ids}")
         return cls(backend, ids)

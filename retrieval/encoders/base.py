@@ -64,6 +64,7 @@ class Encoder:
     """
 
     fusion: str = "early"
+    extra_columns: tuple[str, ...] = ()  # store columns `forward_columns` can add beside the embedding
     requires_checkpoint: bool = False  # True where random weights cannot run (e.g. no tokenizer without one)
 
     def __init__(self, config: EncoderConfig, model: torch.nn.Module, device: str = "cpu",
@@ -95,15 +96,24 @@ class Encoder:
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**batch)
 
-    @torch.inference_mode()
+    def forward_columns(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list]]:
+        """`forward` plus the per-item values of `extra_columns` (e.g. FDT's sparse codes)."""
+        raise RetrievalError(f"{self.name} has no extra store columns")
+
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embed a collated batch on the device (autocast on CUDA); returns float32 unit vectors on the CPU."""
+        return self.embed_with_columns(batch, columns=False)[0]
+
+    @torch.inference_mode()
+    def embed_with_columns(self, batch: dict[str, torch.Tensor], columns: bool = True
+                           ) -> tuple[torch.Tensor, dict[str, list]]:
+        """`embed`, plus the `extra_columns` values of each item when `columns`."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda")
                     else contextlib.nullcontext())
         with autocast:
-            out = self.forward(batch)
-        return F.normalize(out.float(), dim=-1).cpu()
+            out, extra = self.forward_columns(batch) if columns else (self.forward(batch), {})
+        return F.normalize(out.float(), dim=-1).cpu(), extra
 
     def encode(self, images: list | None = None, texts: list[str | None] | None = None,
                batch_size: int = 64) -> np.ndarray:

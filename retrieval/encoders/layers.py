@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by the encoder families (pre-LN, fused q/k/v, exact GELU).
+"""Transformer building blocks shared by the encoder families (pre-LN, fused q/k/v, exact or quick GELU).
 
 Parameter names follow the OpenAI-CLIP / OpenCLIP layout (`ln_1`, `attn.in_proj_weight`, `attn.out_proj`,
 `ln_2`, `mlp.c_fc`, `mlp.c_proj`), which is also the layout of the official FuseLIP and TiTok weights.
@@ -25,46 +25,57 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, W]; keep [B, L] bool, False for padding keys that no position may attend to."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """x [B, L, W]; keep [B, L] bool, False for padding keys that no position may attend to; `causal`:
+        each position attends only to itself and earlier ones (CLIP's text tower)."""
         b, n, w = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).unbind(2)
         mask = None if keep is None else keep[:, None, None, :]
+        if causal:
+            lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            mask = lower if mask is None else mask & lower
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x · σ(1.702 x): the GELU approximation of OpenAI's CLIP blocks (and of the official FDT towers)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, quick: bool = False):
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
         self.c_proj = nn.Linear(hidden, width)
+        self.activation = quick_gelu if quick else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.c_proj(self.activation(self.c_fc(x)))
 
 
 class ResidualBlock(nn.Module):
-    """x + attn(LN(x)), then x + MLP(LN(x)); bidirectional, LayerNorm eps 1e-5, no dropout."""
+    """x + attn(LN(x)), then x + MLP(LN(x)); bidirectional unless causal, LayerNorm eps 1e-5, no dropout;
+    exact GELU unless `quick_gelu`."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), keep)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), keep, causal)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, heads: int, layers: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, layers: int, mlp_ratio: float = 4.0, quick_gelu: bool = False):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualBlock(width, heads, mlp_ratio) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x, keep)
+            x = block(x, keep, causal)
         return x

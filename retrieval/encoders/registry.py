@@ -18,6 +18,8 @@ CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 FAMILIES = {
     "test": "retrieval.encoders.test_tiny:TinyTestEncoder",
     "fuselip": "retrieval.encoders.fuselip:FuseLIPEncoder",
+    "sparc": "retrieval.encoders.sparc:SPARCEncoder",
+    "fdt": "retrieval.encoders.fdt:FDTEncoder",
 }
 
 
@@ -64,8 +66,9 @@ def initial_model(config: EncoderConfig):
         return family_class(config.family).build_model(config)
 
 
-def load_encoder(name_or_checkpoint: str | os.PathLike, device: str = "auto") -> Encoder:
-    """Build an encoder from a registered name or a checkpoint folder (config.json + model.safetensors)."""
+def load_encoder(name_or_checkpoint: str | os.PathLike, device: str = "auto", fusion: str | None = None) -> Encoder:
+    """Build an encoder from a registered name or a checkpoint folder (config.json + model.safetensors);
+    `fusion` picks a late-fusion model's mode for items with an image and a text (default: score)."""
 
     from retrieval.devices import resolve_device
 
@@ -83,6 +86,8 @@ def load_encoder(name_or_checkpoint: str | os.PathLike, device: str = "auto") ->
         get_config(str(name_or_checkpoint))  # raises with the list of registered models
         raise AssertionError("unreachable")
     cls = family_class(config.family)
+    if fusion is not None and not getattr(cls, "fusion_modes", ()):
+        raise RetrievalError(f"{config.name} fuses early and has no fusion modes; drop --fusion")
     if checkpoint is None and cls.requires_checkpoint:
         raise RetrievalError(f"{config.name} has no bundled weights; import or train a checkpoint "
                              f"(`retrieval models import`, `retrieval train`) and pass its folder as the model")
@@ -100,4 +105,7 @@ def load_encoder(name_or_checkpoint: str | os.PathLike, device: str = "auto") ->
                 f"checkpoint {checkpoint} does not fit model {config.name!r}: "
                 f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
             )
-    return cls(config, model, device=device, checkpoint=str(checkpoint.resolve()) if checkpoint else None)
+    encoder = cls(config, model, device=device, checkpoint=str(checkpoint.resolve()) if checkpoint else None)
+    if fusion is not None:
+        encoder.fusion_mode = fusion
+    return encoder

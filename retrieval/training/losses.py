@@ -1,4 +1,4 @@
-"""Training losses: SigLIP's sigmoid loss and masked-token prediction."""
+"""Training losses: SigLIP's sigmoid loss, masked-token prediction, CLIP's InfoNCE and SPARC's fine-grained loss."""
 
 from __future__ import annotations
 
@@ -30,3 +30,43 @@ def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     if len(targets) == 0:
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), targets)
+
+
+def info_nce(left: torch.Tensor, right: torch.Tensor, positives: torch.Tensor, logit_scale: torch.Tensor
+             ) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE with e^s · cosine logits; `positives` [B, U] may mark several targets per row
+    (equal targets scored once); each row's and column's loss is −log of its positives' softmax share."""
+    logits = logit_scale.exp() * left.float() @ right.float().T
+    hidden = torch.finfo(logits.dtype).min
+
+    def side(scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        has = pos.any(1)  # a column no row of this batch points to is only a negative
+        return (scores[has].logsumexp(1) - scores[has].masked_fill(~pos[has], hidden).logsumexp(1)).mean()
+
+    return 0.5 * (side(logits, positives) + side(logits.T, positives.T))
+
+
+def fine_grained_loss(tokens: torch.Tensor, grouped: torch.Tensor, words: torch.Tensor, logit_scale: torch.Tensor,
+                      mean: str = "token") -> torch.Tensor:
+    """SPARC's sequence-wise loss: InfoNCE between each word t_l and its grouped vision embedding c_l, with the
+    other words of the same caption as the only negatives, both ways. tokens, grouped [B, L, d]; words [B, L]
+    marks real words: padding is masked as a candidate and dropped as an anchor.
+    `mean`: "token" (the pseudo-code: one mean over all words of the batch) or "caption" (Eq. 6: per caption,
+    then over captions)."""
+    t, c = F.normalize(tokens.float(), dim=-1), F.normalize(grouped.float(), dim=-1)
+    logits = logit_scale.exp() * c @ t.transpose(1, 2)  # [B, L(c), L(t)]
+    hidden = torch.finfo(logits.dtype).min
+    columns = words[:, None, :]
+    losses = []
+    for scores in (logits, logits.transpose(1, 2)):  # anchors c_l against words, then words against c_l
+        scores = scores.masked_fill(~columns, hidden)
+        per_anchor = scores.logsumexp(-1) - scores.diagonal(dim1=1, dim2=2)
+        losses.append(torch.where(words, per_anchor, torch.zeros_like(per_anchor)))
+    per_anchor = 0.5 * (losses[0] + losses[1])
+    counts = words.sum(1)
+    if mean == "token":
+        return per_anchor.sum() / counts.sum().clamp(min=1)
+    if mean == "caption":
+        has = counts > 0
+        return (per_anchor.sum(1)[has] / counts[has]).sum() / has.sum().clamp(min=1)
+    raise ValueError(f"mean must be 'token' or 'caption', not {mean!r}")

@@ -27,7 +27,9 @@ BUNDLED_TOKENIZERS = CHECKPOINT_DIR / "tokenizers"
 
 
 # family -> "module:Class" of its training objective (one loop; the objective is what differs)
-OBJECTIVES = {"fuselip": "retrieval.training.fuselip:FuseLIPObjective"}
+OBJECTIVES = {"fuselip": "retrieval.training.fuselip:FuseLIPObjective",
+              "sparc": "retrieval.training.sparc:SPARCObjective",
+              "fdt": "retrieval.training.fdt:FDTObjective"}
 
 
 def objective_for(encoder: Encoder, pairs: list[Pair], device: str, progress: bool):
@@ -39,13 +41,16 @@ def objective_for(encoder: Encoder, pairs: list[Pair], device: str, progress: bo
 
 
 def fresh_encoder(name: str, tokenizers: str | os.PathLike | None) -> Encoder:
-    """A registered model with initial weights (seeded) and the tokenizers from a `train tokenizer` folder."""
+    """A registered model with initial weights (seeded) and the tokenizers from a `train tokenizer` folder
+    (the text tokenizer, and the frozen image tokenizer of a model that reads image ids)."""
     from retrieval.training.tokenizers import load_tokenizers
 
     config = get_config(name)
     model = initial_model(config)
-    text, image_state = load_tokenizers(tokenizers or BUNDLED_TOKENIZERS, model.config.image_tokenizer)
-    model.image_tokenizer.load_state_dict(image_state)
+    image_config = getattr(model.config, "image_tokenizer", None)
+    text, image_state = load_tokenizers(tokenizers or BUNDLED_TOKENIZERS, image_config)
+    if image_config is not None:
+        model.image_tokenizer.load_state_dict(image_state)
     return family_class(config.family)(replace(config, checkpoint=None), model, tokenizer=text)
 
 

@@ -110,15 +110,18 @@ def save_image_tokenizer(tokenizer: ConvVQTokenizer, out: Path) -> None:
     write_json(out / IMAGE_CONFIG, tokenizer.config.to_dict())
 
 
-def load_tokenizers(folder: str | os.PathLike, image_config: ConvVQConfig) -> tuple[TextTokenizer, dict]:
+def load_tokenizers(folder: str | os.PathLike, image_config: ConvVQConfig | None
+                    ) -> tuple[TextTokenizer, dict | None]:
     """The text tokenizer and the image tokenizer's weights from a `train tokenizer` folder, checked against
-    the image tokenizer config of the model they are for."""
+    the image tokenizer config of the model they are for (None: a model without one, no weights)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if not (folder / IMAGE_CONFIG).is_file():
         raise RetrievalError(f"{folder} is not a tokenizers folder (no {IMAGE_CONFIG}); "
                              "make one with `retrieval train tokenizer`")
+    if image_config is None:
+        return TextTokenizer.load(folder, OWN_IDS), None
     saved = read_json(folder / IMAGE_CONFIG)
     if saved != image_config.to_dict():
         raise RetrievalError(f"{folder}: the image tokenizer was trained as {saved}, the model wants "

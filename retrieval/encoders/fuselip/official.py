@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from retrieval.encoders.base import EncoderConfig
 from retrieval.encoders.fuselip import FuseLIPEncoder
 from retrieval.encoders.fuselip.model import FuseLIP
 from retrieval.encoders.fuselip.titok import TITOK_VARIANTS, TiTokConfig
+from retrieval.encoders.official_state import check_keys, check_shapes, count_blocks, shape_of
 from retrieval.errors import RetrievalError
 from retrieval.files import read_json
 from retrieval.text_tokenizer import CLIP_IDS, SpecialIds, TextTokenizer
@@ -48,22 +48,12 @@ def read_official(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     return read_json(folder / "config.json"), state
 
 
-def _shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    if key not in state:
-        raise RetrievalError(f"official state dict has no {key!r}")
-    return tuple(state[key].shape)
-
-
-def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
-    return len({m.group(1) for k in state if (m := re.match(pattern, k))})
-
-
 def official_config(config: dict[str, Any], state: dict[str, torch.Tensor], name: str | None = None) -> EncoderConfig:
     """Our config for an official checkpoint: widths and depths from the shapes, heads from config.json."""
     mlm = float(config.get("mlm_probability", 0)) > 0
     use_eoi = int(bool(config.get("use_eoi", False)))
     text_vocab = CLIP_BPE_SIZE + mlm
-    codebook, code_dim = _shape(state, TITOK_PREFIX + "quantize.embedding.weight")
+    codebook, code_dim = shape_of(state, TITOK_PREFIX + "quantize.embedding.weight")
     variant = VARIANT_BY_CODEBOOK.get((codebook, code_dim))
     if variant is None:
         raise RetrievalError(f"unknown TiTok codebook {codebook}×{code_dim}; known: "
@@ -71,7 +61,7 @@ def official_config(config: dict[str, Any], state: dict[str, torch.Tensor], name
     declared = str(config.get("image_tokenizer", ""))
     if declared and variant.replace("-", "") not in declared.replace("_", "").replace("-", ""):
         raise RetrievalError(f"config.json names image tokenizer {declared!r} but the codebook is {variant}'s")
-    vocab, width = _shape(state, "token_embedding.weight")
+    vocab, width = shape_of(state, "token_embedding.weight")
     if vocab != text_vocab + codebook + use_eoi:
         raise RetrievalError(f"token_embedding has {vocab} rows; expected {text_vocab} text + {codebook} image "
                              f"+ {use_eoi} end-of-image ids")
@@ -79,18 +69,18 @@ def official_config(config: dict[str, Any], state: dict[str, torch.Tensor], name
     heads = text.get("heads") or {384: 6, 512: 8}.get(width)
     if not heads:
         raise RetrievalError("config.json gives no text_config.heads, and the width is not a released size")
-    context = _shape(state, "positional_embedding")[0]
-    titok_width = _shape(state, TITOK_PREFIX + "latent_tokens")[1]
-    patch = _shape(state, TITOK_PREFIX + "encoder.patch_embed.weight")[-1]
-    grid = math.isqrt(_shape(state, TITOK_PREFIX + "encoder.positional_embedding")[0] - 1)
+    context = shape_of(state, "positional_embedding")[0]
+    titok_width = shape_of(state, TITOK_PREFIX + "latent_tokens")[1]
+    patch = shape_of(state, TITOK_PREFIX + "encoder.patch_embed.weight")[-1]
+    grid = math.isqrt(shape_of(state, TITOK_PREFIX + "encoder.positional_embedding")[0] - 1)
     base = TITOK_VARIANTS[variant]
-    titok_layers = _count(state, r"image_tokenizer\.model\.encoder\.transformer\.(\d+)\.")
+    titok_layers = count_blocks(state, r"image_tokenizer\.model\.encoder\.transformer\.(\d+)\.")
     titok = TiTokConfig(width=titok_width, layers=titok_layers,
                         heads=max(1, titok_width // 64), code_dim=code_dim, codebook_size=codebook,
                         l2_norm=base.l2_norm, legacy=base.legacy, image_size=grid * patch, patch=patch,
-                        num_tokens=_shape(state, TITOK_PREFIX + "latent_tokens")[0])
+                        num_tokens=shape_of(state, TITOK_PREFIX + "latent_tokens")[0])
     ids = SpecialIds(sot=CLIP_IDS.sot, eot=CLIP_IDS.eot, pad=CLIP_IDS.pad, mask=CLIP_IDS.mask if mlm else None)
-    model = {"width": width, "heads": int(heads), "layers": _count(state, r"transformer\.resblocks\.(\d+)\."),
+    model = {"width": width, "heads": int(heads), "layers": count_blocks(state, r"transformer\.resblocks\.(\d+)\."),
              "mlp_ratio": float(text.get("mlp_ratio", 4.0)), "text_vocab": text_vocab,
              "image_offset": text_vocab + use_eoi, "special_ids": ids.to_dict(), "image_tokenizer": titok.to_dict(),
              "mask_head": TIED_DECODER in state}
@@ -112,12 +102,8 @@ def map_state(state: dict[str, torch.Tensor], model: FuseLIP) -> dict[str, torch
                 for k in ours}
     if model.mask_prediction_head is not None:
         expected.add(TIED_DECODER)
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise RetrievalError("official state dict does not fit: "
-                             + "; ".join(f"{label} keys: {', '.join(keys)}" for label, keys in
-                                         (("missing", missing), ("unexpected", unexpected)) if keys))
-    mapped, wrong = {}, []
+    check_keys(state, expected)
+    mapped, official = {}, {}
     for key, tensor in state.items():
         if key == TIED_DECODER:
             if not torch.equal(tensor, state["token_embedding.weight"]):
@@ -126,11 +112,8 @@ def map_state(state: dict[str, torch.Tensor], model: FuseLIP) -> dict[str, torch
         if key == CONV_OUT:
             tensor = tensor.flatten(1)
         target = ours_from_official(key)
-        if tuple(tensor.shape) != tuple(ours[target].shape):
-            wrong.append(f"{key} {tuple(tensor.shape)} (expected {tuple(ours[target].shape)})")
-        mapped[target] = tensor
-    if wrong:
-        raise RetrievalError("official tensors with wrong shapes: " + ", ".join(wrong))
+        mapped[target], official[target] = tensor, key
+    check_shapes(mapped, ours, official.get)
     return mapped
 
 

@@ -1,0 +1,101 @@
+"""FDT (finite discrete tokens): the encoder behind `fdt-*` models.
+
+Besides the dense embedding it exposes the sparse code of an item — which codebook tokens it activates,
+with what weight — and, for explanations, which words or patches activate a token most.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from retrieval.encoders.base import EncoderConfig
+from retrieval.encoders.fdt.model import FDT, FDTConfig
+from retrieval.encoders.late_fusion import LateFusionEncoder
+from retrieval.errors import RetrievalError
+from retrieval.images import load_image
+
+
+def fdt_config(config: EncoderConfig) -> FDTConfig:
+    return FDTConfig.from_dict(config.model, config.image_size, config.context_length)
+
+
+CODE_COLUMNS = ("image_code_ids", "image_code_weights", "text_code_ids", "text_code_weights")
+
+
+class FDTEncoder(LateFusionEncoder):
+    """`encode --sparse-codes` stores each item's image and text codes (active token ids and weights) beside
+    its embedding, which `vectors_from_codes` rebuilds exactly."""
+
+    extra_columns = CODE_COLUMNS
+
+    @classmethod
+    def build_model(cls, config: EncoderConfig) -> FDT:
+        model_config = fdt_config(config)
+        if model_config.dim != config.dim:
+            raise RetrievalError(f"{config.name}: dim {config.dim} must equal the codebook dim {model_config.dim}")
+        return FDT(model_config)
+
+    @torch.inference_mode()
+    def codes(self, images: list | None = None, texts: list[str] | None = None) -> torch.Tensor:
+        """Sparse codes w [n, C] of images (PIL or paths) or of texts (one modality per call)."""
+        if (images is None) == (texts is None):
+            raise RetrievalError("codes takes images or texts")
+        if images is not None:
+            pixels = torch.stack([self.prepare(i if isinstance(i, Image.Image) else load_image(i), None)["pixels"]
+                                  for i in images]).to(self.device)
+            return self.model.image_outputs(pixels)[1].float().cpu()
+        ids = torch.tensor([self.tokenizer.row(t, self.config.context_length) for t in texts], device=self.device)
+        return self.model.text_outputs(ids)[1].float().cpu()
+
+    def forward_columns(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list]]:
+        vectors, image_codes, text_codes = self.model.embed_outputs(
+            **batch, empty_text=self._empty.to(batch["text"].device), mode=self.fusion_mode)
+        columns = {}
+        sides = (("image", batch["has_image"], image_codes), ("text", batch["has_text"], text_codes))
+        for side, present, codes in sides:
+            ids, weights = [None] * len(vectors), [None] * len(vectors)
+            for row, code in zip(present.nonzero().flatten().tolist(), codes if codes is not None else []):
+                active = code.nonzero().flatten()
+                ids[row], weights[row] = active.tolist(), code[active].float().tolist()
+            columns[f"{side}_code_ids"], columns[f"{side}_code_weights"] = ids, weights
+        return vectors, columns
+
+    @torch.inference_mode()
+    def vectors_from_codes(self, rows: list[dict]) -> torch.Tensor:
+        """The unit embeddings [n, dim] of store rows from their stored codes alone (Eᵀw, then the fusion)."""
+        size, model = self.model.config.codebook_size, self.model
+
+        def dense(ids, weights) -> torch.Tensor:
+            code = torch.zeros(size, device=self.device)
+            if ids is not None:
+                where = torch.tensor(ids, dtype=torch.long, device=self.device)
+                code[where] = torch.tensor(weights, device=self.device)
+            return code
+
+        image = torch.stack([dense(r["image_code_ids"], r["image_code_weights"]) for r in rows])
+        text = torch.stack([dense(r["text_code_ids"], r["text_code_weights"]) for r in rows])
+        has_image = torch.tensor([r["image_code_ids"] is not None for r in rows], device=self.device)
+        has_text = torch.tensor([r["text_code_ids"] is not None for r in rows], device=self.device)
+        empty = model.text_outputs(self._empty[None].to(self.device))[0][0]
+        return model.fuse(model.from_code(image), has_image, model.from_code(text), has_text, empty,
+                          self.fusion_mode).cpu()
+
+    @torch.inference_mode()
+    def activations(self, image=None, text: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """For one image (PIL or path) or one text: its sparse code [C], the per-position scores [N, C] that
+        were max-pooled into it (patches in row-major grid order, or the text's word pieces), and the
+        positions' labels (the word pieces; empty for an image)."""
+        model = self.model
+        if image is not None:
+            image = image if isinstance(image, Image.Image) else load_image(image)
+            pixels = self.prepare(image, None)["pixels"][None].to(self.device)
+            scores = model.scores(model.visual(pixels), model.img_query_model)
+            return model.code(scores)[0].float().cpu(), scores[0].float().cpu(), []
+        ids = torch.tensor([self.tokenizer.row(text or "", self.config.context_length)], device=self.device)
+        valid = model.text_valid(ids)
+        scores = model.scores(model.encode_text(ids, valid), model.txt_query_model, valid)
+        ids_ = model.config.special_ids
+        words = (valid & (ids != ids_.sot) & (ids != ids_.eot))[0]
+        labels = [self.tokenizer.backend.decode([i]).strip() for i in ids[0, words].tolist()]
+        return model.code(scores)[0].float().cpu(), scores[0, words].float().cpu(), labels

@@ -1,0 +1,171 @@
+"""Composed queries for dual encoders (SPARC, FDT): score fusion, or a trained fusion head.
+
+Both modes treat unimodal items alike: a text alone is its text embedding, an image alone is
+normalize(n(image) + n(empty text)) — the empty-text rule of FuseLIP's score-fusion baselines — so an
+index of images or texts serves either mode. They differ only for items with an image and a text:
+`score` adds the two normalised embeddings, `head` runs the MagicLens-style fusion module (a small
+transformer over [image, text] features, an attentional pooler, LayerNorm), trained to land in the
+same space.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from retrieval.encoders.base import Encoder, EncoderConfig
+from retrieval.encoders.layers import Transformer
+from retrieval.errors import RetrievalError
+from retrieval.images import image_to_array
+from retrieval.text_tokenizer import TextTokenizer
+
+FUSION_MODES = ("score", "head")
+
+
+class AttentionalPooler(nn.Module):
+    """One learned query attending over a sequence (CoCa / MagicLens pooling)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+        self.ln_k = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.ln_k(x)
+        out, _ = self.attn(self.query.expand(len(x), -1, -1), kv, kv, need_weights=False)
+        return out[:, 0]
+
+
+class FusionHead(nn.Module):
+    """[image feature, text feature] → transformer → attentional pooler → LayerNorm (un-normalised)."""
+
+    def __init__(self, dim: int, heads: int, layers: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.modality = nn.Parameter(torch.zeros(2, dim))
+        self.transformer = Transformer(dim, heads, layers, mlp_ratio)
+        self.pool = AttentionalPooler(dim, heads)
+        self.ln = nn.LayerNorm(dim)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        x = torch.stack([image, text], dim=1) + self.modality
+        return self.ln(self.pool(self.transformer(x)))
+
+
+class DualEncoderModel(nn.Module):
+    """What a late-fusion family provides: `image_outputs` and `text_outputs`, each (un-normalised global
+    features [B, dim], the family's per-item extras: SPARC's patches or tokens, FDT's sparse codes), and an
+    optional `fusion_head`. `embed` turns them into the item embeddings of a fusion mode."""
+
+    fusion_head: FusionHead | None
+
+    def image_outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def text_outputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_outputs(pixels)[0]
+
+    def text_features(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_outputs(ids)[0]
+
+    def embed(self, pixels: torch.Tensor, has_image: torch.Tensor, text: torch.Tensor, has_text: torch.Tensor,
+              empty_text: torch.Tensor, mode: str = "score") -> torch.Tensor:
+        """Unit embeddings [B, dim] of items with an image, a text or both (`empty_text`: the id row of "")."""
+        return self.embed_outputs(pixels, has_image, text, has_text, empty_text, mode)[0]
+
+    def embed_outputs(self, pixels: torch.Tensor, has_image: torch.Tensor, text: torch.Tensor,
+                      has_text: torch.Tensor, empty_text: torch.Tensor, mode: str = "score"
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(unit embeddings, the image extras of the rows with an image, the text extras of the rows with a
+        text); the towers run only on what is there."""
+        texts, text_extras = self.text_outputs(torch.cat([text[has_text], empty_text[None]]))
+        text_feats = texts.new_zeros(len(text), texts.shape[-1])
+        text_feats[has_text] = texts[:-1]
+        image_feats, image_extras = torch.zeros_like(text_feats), None
+        if has_image.any():
+            images, image_extras = self.image_outputs(pixels[has_image])
+            image_feats[has_image] = images.to(texts.dtype)
+        vectors = self.fuse(image_feats, has_image, text_feats, has_text, texts[-1], mode)
+        return vectors, image_extras, text_extras[:-1]
+
+    def fuse(self, image: torch.Tensor, has_image: torch.Tensor, text: torch.Tensor, has_text: torch.Tensor,
+             empty: torch.Tensor, mode: str = "score") -> torch.Tensor:
+        """Item embeddings from un-normalised features [B, dim] (rows without that modality are ignored)."""
+        text_unit = F.normalize(text, dim=-1)
+        text_side = torch.where(has_text[:, None], text_unit, F.normalize(empty, dim=-1).expand_as(text_unit))
+        out = torch.where(has_image[:, None], F.normalize(image, dim=-1) + text_side, text_unit)
+        both = has_image & has_text
+        if mode == "head" and both.any():
+            if self.fusion_head is None:
+                raise RetrievalError("this model has no fusion head; use fusion mode 'score'")
+            out = out.clone()
+            out[both] = self.fusion_head(image[both], text[both]).to(out.dtype)
+        return F.normalize(out, dim=-1)
+
+
+class LateFusionEncoder(Encoder):
+    """The encoder of a dual-encoder family; `fusion_mode` picks how an image and a text become one vector."""
+
+    fusion = "late"
+    fusion_modes = FUSION_MODES
+    requires_checkpoint = True  # the text tokenizer lives beside the weights
+
+    def __init__(self, config: EncoderConfig, model: DualEncoderModel, device: str = "cpu",
+                 checkpoint: str | None = None, tokenizer: TextTokenizer | None = None, fusion_mode: str = "score"):
+        super().__init__(config, model, device, checkpoint)
+        if tokenizer is None:
+            if checkpoint is None:
+                raise RetrievalError(f"{config.name} needs a checkpoint folder with its tokenizer.json")
+            tokenizer = TextTokenizer.load(checkpoint, self.special_ids(config))
+        vocab = getattr(model.config, "text_vocab", None)
+        if vocab is not None and tokenizer.vocab_size > vocab:
+            raise RetrievalError(f"tokenizer has {tokenizer.vocab_size} ids but {config.name} has {vocab} text ids")
+        self.tokenizer = tokenizer
+        self.fusion_modes = tuple(m for m in FUSION_MODES if m != "head" or model.fusion_head is not None)
+        self.fusion_mode = fusion_mode
+        self._empty = torch.tensor(tokenizer.row("", config.context_length))
+
+    @staticmethod
+    def special_ids(config: EncoderConfig):
+        from retrieval.text_tokenizer import OWN_IDS, SpecialIds
+
+        return SpecialIds(**config.model["special_ids"]) if "special_ids" in config.model else OWN_IDS
+
+    @property
+    def fusion_mode(self) -> str:
+        return self._fusion_mode
+
+    @fusion_mode.setter
+    def fusion_mode(self, mode: str) -> None:
+        if mode not in self.fusion_modes:
+            raise RetrievalError(f"fusion mode must be one of {', '.join(self.fusion_modes)}, not {mode!r}"
+                                 + (" (this model has no fusion head)" if mode == "head" else ""))
+        self._fusion_mode = mode
+
+    def prepare(self, image: Image.Image | None, text: str | None) -> dict[str, torch.Tensor]:
+        size = self.config.image_size
+        pixels = (torch.from_numpy(image_to_array(image, size, self.config.mean, self.config.std))
+                  if image is not None else torch.zeros(3, size, size))
+        return {"pixels": pixels, "has_image": torch.tensor(image is not None),
+                "text": torch.tensor(self.tokenizer.row(text or "", self.config.context_length)),
+                "has_text": torch.tensor(bool(text))}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.embed(**batch, empty_text=self._empty.to(batch["text"].device), mode=self.fusion_mode)
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"fusion_mode": self.fusion_mode}
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        out = super().save(out_dir)
+        self.tokenizer.save(out)
+        return out

@@ -1,0 +1,21 @@
+"""FDT's objective: CLIP's symmetric InfoNCE on the FDT embeddings of image–caption pairs, plus the
+late-fusion losses of composed pairs (training/late_fusion.py); the log logit scale is clamped to
+[3, 6] as in the official recipe (σ from about 20 to 100). Logs the mean number of active tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from retrieval.training.late_fusion import LateFusionObjective
+
+
+class FDTObjective(LateFusionObjective):
+    logit_scale_bounds = (3.0, 6.0)
+
+    def family_terms(self, batch: dict[str, Any], image_local: torch.Tensor, text_local: torch.Tensor
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        return {}, {"active_image": float((image_local > 0).sum(1).float().mean()),
+                    "active_text": float((text_local > 0).sum(1).float().mean())}

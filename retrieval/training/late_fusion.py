@@ -1,0 +1,124 @@
+"""The objective of a late-fusion dual encoder (SPARC, FDT): a global contrastive loss on image–caption
+pairs, plus the composed-query losses; a family adds its own terms (SPARC's fine-grained loss).
+
+L = λ_global · L_global             InfoNCE of the global image and caption embeddings (equal captions, as
+                                     Digits' templates, share every image they describe)
+  + λ_fused · L_fused               InfoNCE of every pair's query and target embeddings as search makes
+                                     them in score-fusion mode (image alone = n(image) + n(empty text))
+  + λ_head · L_head                 the same for composed queries through the fusion head
+  + the family's terms
+One learned temperature is shared by all terms, clamped to the family's bounds after every step.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from retrieval.encoders.late_fusion import LateFusionEncoder
+from retrieval.images import load_image
+from retrieval.training.losses import info_nce
+from retrieval.training.pairs import Pair
+
+
+def positives_matrix(keys: list, columns: list) -> torch.Tensor:
+    """[len(keys), len(set(columns))]: row i is positive for the column holding keys[i]; columns deduped."""
+    index = {c: j for j, c in enumerate(dict.fromkeys(columns))}
+    out = torch.zeros(len(keys), len(index), dtype=torch.bool)
+    out[torch.arange(len(keys)), torch.tensor([index[k] for k in keys])] = True
+    return out
+
+
+class LateFusionObjective:
+    loss_defaults: dict[str, Any] = {"lambda_global": 1.0, "lambda_fused": 1.0, "lambda_head": 1.0}
+    logit_scale_bounds = (0.0, math.log(100))
+
+    def __init__(self, encoder: LateFusionEncoder, pairs: list[Pair], device: str = "cpu", progress: bool = True):
+        self.encoder = encoder
+        self.model = encoder.model
+        self.device = device
+        self.weights = self.loss_defaults | self.model.config.loss
+        self._pixels: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, list[int]] = {}
+
+    def pixels(self, path: str) -> torch.Tensor:
+        if path not in self._pixels:  # decoded once per run; half precision keeps the cache small
+            self._pixels[path] = self.encoder.prepare(load_image(path), None)["pixels"].half()
+        return self._pixels[path]
+
+    def text_row(self, text: str) -> list[int]:
+        if text not in self._rows:
+            self._rows[text] = self.encoder.tokenizer.row(text, self.encoder.config.context_length)
+        return self._rows[text]
+
+    def batch(self, pairs: list[Pair], generator: torch.Generator) -> dict[str, Any]:
+        targets = list(dict.fromkeys(p.target for p in pairs))
+        images = list(dict.fromkeys(i for p in pairs for i in (p.query_image, p.target_image) if i))
+        texts = list(dict.fromkeys(t for p in pairs for t in (p.query_text, p.target_text) if t)) + [""]
+        image_at, text_at = {p: i for i, p in enumerate(images)}, {t: i for i, t in enumerate(texts)}
+
+        def refs(items: list[tuple[str | None, str | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.tensor([image_at[i] if i else -1 for i, _ in items], dtype=torch.long),
+                    torch.tensor([text_at[t] if t else -1 for _, t in items], dtype=torch.long))
+
+        captions = [(p.query_image or p.target_image, p.target_text or p.query_text) for p in pairs
+                    if (p.query_image is None) != (p.target_image is None)
+                    and not (p.query_image and p.query_text) and not (p.target_image and p.target_text)]
+        caption_images = list(dict.fromkeys(i for i, _ in captions))
+        caption_texts = list(dict.fromkeys(t for _, t in captions))
+        caption_positives = torch.zeros(len(caption_texts), len(caption_images), dtype=torch.bool)
+        for i, t in captions:  # equal captions (Digits' templates) share every image they describe
+            caption_positives[caption_texts.index(t), caption_images.index(i)] = True
+        batch = {"pixels": torch.stack([self.pixels(p) for p in images]).float(),
+                 "text": torch.tensor([self.text_row(t) for t in texts]),
+                 "left": refs([(p.query_image, p.query_text) for p in pairs]), "right": refs(targets),
+                 "positives": positives_matrix([p.target for p in pairs], targets),
+                 "caption_pairs": refs(captions),
+                 "caption_images": torch.tensor([image_at[i] for i in caption_images], dtype=torch.long),
+                 "caption_texts": torch.tensor([text_at[t] for t in caption_texts], dtype=torch.long),
+                 "caption_positives": caption_positives}
+        return {k: tuple(x.to(self.device) for x in v) if isinstance(v, tuple) else v.to(self.device)
+                for k, v in batch.items()}
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        model = self.model
+        image_global, image_local = model.image_outputs(batch["pixels"])
+        text_global, text_local = model.text_outputs(batch["text"])
+        empty, scale = text_global[-1], model.logit_scale
+
+        def embed(refs: tuple[torch.Tensor, torch.Tensor], mode: str) -> torch.Tensor:
+            image, text = refs
+            return model.fuse(image_global[image.clamp(min=0)], image >= 0, text_global[text.clamp(min=0)],
+                              text >= 0, empty, mode)
+
+        right = embed(batch["right"], "score")
+        terms = {"fused": info_nce(embed(batch["left"], "score"), right, batch["positives"], scale)}
+        composed = (batch["left"][0] >= 0) & (batch["left"][1] >= 0)
+        if model.fusion_head is not None and composed.any():
+            left = embed(tuple(r[composed] for r in batch["left"]), "head")
+            terms["head"] = info_nce(left, right, batch["positives"][composed], scale)
+        if len(batch["caption_texts"]):
+            caption_texts = F.normalize(text_global[batch["caption_texts"]], dim=-1)
+            caption_images = F.normalize(image_global[batch["caption_images"]], dim=-1)
+            terms["global"] = info_nce(caption_texts, caption_images, batch["caption_positives"], scale)
+        family_terms, logs = self.family_terms(batch, image_local, text_local)
+        terms |= family_terms
+        loss = sum(self.weights[f"lambda_{name}"] * value for name, value in terms.items())
+        return loss, {name: value.item() for name, value in terms.items()} | logs
+
+    def family_terms(self, batch: dict[str, Any], image_local: torch.Tensor, text_local: torch.Tensor
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The family's own loss terms (weighted by `lambda_NAME`) and logs; none by default."""
+        return {}, {}
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(*self.logit_scale_bounds)
+
+    def save(self, out: Path) -> None:
+        self.encoder.save(out)
+
