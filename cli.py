@@ -92,15 +92,18 @@ def search(
     threads: int = typer.Option(1, "--threads", help=QUERY_THREADS_HELP),
     fusion: str | None = typer.Option(None, "--fusion", help=FUSION_HELP),
     rerank: int = typer.Option(0, "--rerank", help="Text → image with sparc models: re-score the best N images "
-                                                   "by fine-grained word-to-patch alignment."),
-    explain: Path | None = typer.Option(None, "--explain", help="Write a PNG showing, for each hit, which image "
-                                                                "patches each query word groups (sparc models)."),
+                                                   "by ½ global + ½ fine-grained word-to-patch alignment; they "
+                                                   "come first, with that score."),
+    explain: Path | None = typer.Option(None, "--explain", help="Write a PNG of why each hit matched: the patches "
+                                                                "each query word groups (sparc), the hit's strongest "
+                                                                "codebook tokens (fdt)."),
 ) -> None:
     """Search an index with an image, a text, or both."""
-    from retrieval.search import check_k, check_query, open_index, set_threads
+    from retrieval.search import check_k, check_query, check_rerank, open_index, set_threads
 
     check_k(k)
     check_query(image, text)  # before loading the index and model, so a bad query fails at once
+    check_rerank(image, text, rerank)
     set_threads(threads)
     searcher = open_index(index, device=device, fusion=fusion)
     if explain is not None:
@@ -108,20 +111,19 @@ def search(
 
         check_explain(searcher.encoder, text)
     hits = searcher.search(image=image, text=text, k=k, where=where, rerank=rerank)
-    if explain is not None:
+    if as_json:
+        typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, default=str))
+    elif not hits:
+        typer.echo("no results")
+    else:
+        rows = [("rank", "score", "id", "text", "image")]
+        rows += [(str(h.rank), f"{h.score:.4f}", h.id, _clip(h.text or "", 60), h.image or "") for h in hits]
+        _echo_table(rows)
+    if explain is not None and hits:
         from retrieval.explain import explain_hits
 
         explain_hits(searcher.encoder, text, hits, explain)
-        typer.echo(f"wrote {explain}", err=as_json)
-    if as_json:
-        typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, default=str))
-        return
-    if not hits:
-        typer.echo("no results")
-        return
-    rows = [("rank", "score", "id", "text", "image")]
-    rows += [(str(h.rank), f"{h.score:.4f}", h.id, _clip(h.text or "", 60), h.image or "") for h in hits]
-    _echo_table(rows)
+        typer.echo(f"wrote {explain}", err=True)
 
 
 def _echo_table(rows: list[tuple[str, ...]]) -> None:

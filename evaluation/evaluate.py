@@ -167,6 +167,8 @@ def run_eval(tasks: str = "all", models: str | Sequence[str | Encoder] = "test-t
 
     if not ks or any(k <= 0 for k in ks):
         raise RetrievalError("k values must be positive integers, e.g. --k 1,5,10")
+    if rerank < 0:
+        raise RetrievalError(f"--rerank must be ≥ 0, got {rerank}")
     data_dirs = list(data) if data else [default_data_dir(name, progress=progress) for name in DATASETS]
     folders = select_tasks(tasks, data_dirs)
     loaded = [read_task(f) for f in folders]

@@ -152,7 +152,7 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
                 vectors, extra = encoder.embed_with_columns(batch, sparse_codes)
                 vectors = vectors.numpy()
             else:
-                vectors, extra = np.zeros((0, encoder.dim)), {c: [] for c in manifest["extra_columns"]}
+                vectors, extra = np.zeros((0, encoder.dim)), {c: [] for c in manifest.get("extra_columns", [])}
             last = positions[-1] == min((part + 1) * part_size, n) - 1
             writer.put(part, good, vectors, extra, bad, last)
             bar.update(len(positions))

@@ -3,7 +3,8 @@
 SPARC: the hit's image, then one heatmap per word of the query text — the word's alignment weights over
 the patch grid — with the rank, the global score and the fine-grained score under the image.
 FDT: the hit's image (or text), then its strongest codebook tokens — each a heatmap of the patches that
-activate it, labelled with its weight in the hit's code and the query words that activate it most.
+activate it, labelled with its weight in the hit's code and the query words that activate it most. A hit
+with an image and a text is shown by its image's code.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def token_sheet(encoder, text: str, hits: list) -> Image.Image:
     if not hits:
         raise RetrievalError("--explain: there are no hits to show")
     _, word_scores, words = encoder.activations(text=text)
-    grid = encoder.config.image_size // encoder.model.config.patch
+    grid = encoder.model.config.grid
     sheet = Image.new("RGB", (CELL * (TOP_TOKENS + 1), (CELL + 2 * LABEL) * len(hits)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, hit in enumerate(hits):

@@ -36,6 +36,10 @@ def open_source(source: str | os.PathLike, out: Path, model: str | None, encode_
                 store.encoder["checkpoint"] or "").resolve():
             raise RetrievalError(f"store {source} was encoded with {store.encoder['name']!r}, not {model!r}; "
                                  "drop --model or encode the corpus again")
+        fusion = encode_options.get("fusion")
+        if fusion and fusion != store.encoder.get("fusion_mode"):
+            raise RetrievalError(f"store {source} was encoded with fusion {store.encoder.get('fusion_mode')!r}, "
+                                 f"not {fusion!r}; drop --fusion or encode the corpus again")
         return store
     if not source.exists():
         raise RetrievalError(f"source not found: {source}")

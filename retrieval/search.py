@@ -136,8 +136,7 @@ class SearchIndex:
         """The k best items for an image, a text or both, among rows matching `where` (SQL) if given;
         `rerank` > 0 re-scores the best that many images of a text query by fine-grained alignment."""
         check_k(k)
-        if rerank:
-            check_rerank(self.encoder, image, text, rerank)
+        check_rerank(image, text, rerank, self.encoder)
         query = self.embed_query(image, text)
         scores, rows = self.search_vectors(query, max(k, rerank), where)
         hits = self.hits(scores[0], rows[0])
@@ -235,14 +234,16 @@ def check_k(k: int) -> None:
         raise RetrievalError(f"k must be a positive integer, got {k}")
 
 
-def check_rerank(encoder, image, text: str | None, rerank: int) -> None:
-    from retrieval.rerank import check_reranker
-
+def check_rerank(image, text: str | None, rerank: int, encoder=None) -> None:
+    """Refuse a re-ranking request that cannot be met (and, given the encoder, one it cannot do)."""
     if rerank < 0:
         raise RetrievalError(f"--rerank must be ≥ 0, got {rerank}")
-    if image is not None or not (text and text.strip()):
+    if rerank and (image is not None or not (text and text.strip())):
         raise RetrievalError("--rerank re-scores text → image results: give a --text and no --image")
-    check_reranker(encoder)
+    if rerank and encoder is not None:
+        from retrieval.rerank import check_reranker
+
+        check_reranker(encoder)
 
 
 def check_query(image, text: str | None) -> str | None:

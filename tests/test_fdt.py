@@ -113,7 +113,7 @@ def cli_in_process(capsys, *args: str | Path) -> tuple[int, str]:
     ({"temperature": 0.0}, "the FDT temperature must be positive"),
     ({"patch": 5}, "image size 16 is not a multiple of the patch size 5"),
     ({"pool": "max"}, "unknown FDT model keys: pool"),
-    ({"dim": 16}, "dim 32 must equal the codebook dim 16"),
+    ({"dim": 16}, "dim 32 must equal the model's dim 16"),
 ])
 def test_bad_model_configs_are_refused(change, message):
     with pytest.raises(RetrievalError, match=re.escape(message)):

@@ -459,11 +459,13 @@ def test_invalid_fusion_mode_and_missing_head_are_refused(tok):
 
     headless = tiny_encoder(tok, fusion_head=None)
     assert headless.model.fusion_head is None
-    img = shape_image(COLOURS["blue"], "circle")
-    headless.fusion_mode = "head"
-    headless.encode(images=[img], texts=[None])  # unimodal items need no head
+    assert headless.fusion_modes == ("score",)
     with pytest.raises(RetrievalError, match="no fusion head"):
-        headless.encode(images=[img], texts=["make it red"])
+        headless.fusion_mode = "head"
+    with pytest.raises(RetrievalError, match="no fusion head"):  # and the model refuses it directly
+        headless.model.embed(**headless.collate([headless.prepare(shape_image(COLOURS["blue"], "circle"),
+                                                                  "make it red")]),
+                             empty_text=headless._empty, mode="head")
 
 
 # ---------------------------------------------------------------- 7. the objective and a few training steps

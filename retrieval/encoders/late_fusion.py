@@ -22,10 +22,29 @@ from torch import nn
 from retrieval.encoders.base import Encoder, EncoderConfig
 from retrieval.encoders.layers import Transformer
 from retrieval.errors import RetrievalError
-from retrieval.images import image_to_array
+from retrieval.images import image_to_array, load_image
 from retrieval.text_tokenizer import TextTokenizer
 
 FUSION_MODES = ("score", "head")
+
+
+def tower_config(cls, data: dict[str, Any], image_size: int, context_length: int, family: str):
+    """A dual-encoder family's model config (a dataclass with `patch`) from the `model` dict of an encoder
+    config: unknown keys refused, special ids parsed, the image size a multiple of the patch."""
+    from dataclasses import fields
+
+    from retrieval.text_tokenizer import SpecialIds
+
+    unknown = sorted(set(data) - ({f.name for f in fields(cls)} - {"image_size", "context_length"}))
+    if unknown:
+        raise RetrievalError(f"unknown {family} model keys: {', '.join(unknown)}")
+    data = dict(data)
+    if "special_ids" in data:
+        data["special_ids"] = SpecialIds(**data["special_ids"])
+    config = cls(**data, image_size=image_size, context_length=context_length)
+    if image_size % config.patch:
+        raise RetrievalError(f"image size {image_size} is not a multiple of the patch size {config.patch}")
+    return config
 
 
 class AttentionalPooler(nn.Module):
@@ -70,6 +89,16 @@ class DualEncoderModel(nn.Module):
 
     def text_outputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def text_valid(self, ids: torch.Tensor) -> torch.Tensor:
+        """The real positions of id rows [B, L]: everything but padding."""
+        return ids != self.config.special_ids.pad
+
+    def word_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """The words of id rows: real positions other than SOT and EOT (what explanations and SPARC's
+        fine-grained loss look at)."""
+        special = self.config.special_ids
+        return self.text_valid(ids) & (ids != special.sot) & (ids != special.eot)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_outputs(pixels)[0]
@@ -118,6 +147,18 @@ class LateFusionEncoder(Encoder):
     fusion = "late"
     fusion_modes = FUSION_MODES
     requires_checkpoint = True  # the text tokenizer lives beside the weights
+    model_class: type[DualEncoderModel]  # the family's model; its `config_class` has from_dict(...)
+
+    @classmethod
+    def model_config(cls, config: EncoderConfig):
+        return cls.model_class.config_class.from_dict(config.model, config.image_size, config.context_length)
+
+    @classmethod
+    def build_model(cls, config: EncoderConfig) -> DualEncoderModel:
+        model_config = cls.model_config(config)
+        if model_config.dim != config.dim:
+            raise RetrievalError(f"{config.name}: dim {config.dim} must equal the model's dim {model_config.dim}")
+        return cls.model_class(model_config)
 
     def __init__(self, config: EncoderConfig, model: DualEncoderModel, device: str = "cpu",
                  checkpoint: str | None = None, tokenizer: TextTokenizer | None = None, fusion_mode: str = "score"):
@@ -158,6 +199,11 @@ class LateFusionEncoder(Encoder):
         return {"pixels": pixels, "has_image": torch.tensor(image is not None),
                 "text": torch.tensor(self.tokenizer.row(text or "", self.config.context_length)),
                 "has_text": torch.tensor(bool(text))}
+
+    def pixels(self, images: list) -> torch.Tensor:
+        """Prepared pixels [n, 3, S, S] of images (PIL images or paths), on the device."""
+        return torch.stack([self.prepare(i if isinstance(i, Image.Image) else load_image(i), None)["pixels"]
+                            for i in images]).to(self.device)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.embed(**batch, empty_text=self._empty.to(batch["text"].device), mode=self.fusion_mode)

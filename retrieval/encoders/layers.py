@@ -38,7 +38,12 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+def full_precision(x: torch.Tensor) -> torch.autocast:
+    """A context with autocast off, so that float32 math stays float32 (logits, min-max, sparsemax)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def sigmoid_gelu(x: torch.Tensor) -> torch.Tensor:
     """x · σ(1.702 x): the GELU approximation of OpenAI's CLIP blocks (and of the official FDT towers)."""
     return x * torch.sigmoid(1.702 * x)
 
@@ -48,7 +53,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
         self.c_proj = nn.Linear(hidden, width)
-        self.activation = quick_gelu if quick else F.gelu
+        self.activation = sigmoid_gelu if quick else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.activation(self.c_fc(x)))

@@ -1,6 +1,7 @@
 """FDT's objective: CLIP's symmetric InfoNCE on the FDT embeddings of image–caption pairs, plus the
-late-fusion losses of composed pairs (training/late_fusion.py); the log logit scale is clamped to
-[3, 6] as in the official recipe (σ from about 20 to 100). Logs the mean number of active tokens.
+late-fusion losses of composed pairs (training/late_fusion.py). The official recipe clamps the log
+logit scale to [3, 6] and caps the scale at 100, so σ = e^θ stays in [e³ ≈ 20, 100]. Logs the mean
+number of active tokens.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from typing import Any
 import torch
 
 from retrieval.training.late_fusion import LateFusionObjective
+from retrieval.training.losses import MAX_LOGIT_SCALE
 
 
 class FDTObjective(LateFusionObjective):
-    logit_scale_bounds = (3.0, 6.0)
+    logit_scale_bounds = (3.0, MAX_LOGIT_SCALE)
 
     def family_terms(self, batch: dict[str, Any], image_local: torch.Tensor, text_local: torch.Tensor
                      ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -6,7 +6,6 @@ the mask-prediction head reads. The image tokenizer is frozen, so every training
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,8 @@ from tqdm import tqdm
 
 from retrieval.encoders.fuselip import FuseLIPEncoder
 from retrieval.images import load_image
-from retrieval.training.losses import mask_tokens, masked_token_loss, siglip_loss
-from retrieval.training.pairs import Pair
-
-MAX_LOGIT_SCALE = math.log(100)
+from retrieval.training.losses import MAX_LOGIT_SCALE, mask_tokens, masked_token_loss, siglip_loss
+from retrieval.training.pairs import Pair, positives_matrix
 
 
 class FuseLIPObjective:
@@ -60,9 +57,7 @@ class FuseLIPObjective:
 
     def batch(self, pairs: list[Pair], generator: torch.Generator) -> dict[str, Any]:
         targets = list(dict.fromkeys(p.target for p in pairs))  # equal targets are scored once
-        column = {t: j for j, t in enumerate(targets)}
-        positives = torch.zeros(len(pairs), len(targets), dtype=torch.bool)
-        positives[torch.arange(len(pairs)), torch.tensor([column[p.target] for p in pairs])] = True
+        positives = positives_matrix([p.target for p in pairs], targets)
         sides = {}
         for name, items in (("left", [(p.query_image, p.query_text) for p in pairs]), ("right", targets)):
             ids = self.sequences(items)

@@ -12,7 +12,6 @@ One learned temperature is shared by all terms, clamped to the family's bounds a
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +19,23 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.encoders.late_fusion import LateFusionEncoder
+from retrieval.errors import RetrievalError
 from retrieval.images import load_image
-from retrieval.training.losses import info_nce
-from retrieval.training.pairs import Pair
-
-
-def positives_matrix(keys: list, columns: list) -> torch.Tensor:
-    """[len(keys), len(set(columns))]: row i is positive for the column holding keys[i]; columns deduped."""
-    index = {c: j for j, c in enumerate(dict.fromkeys(columns))}
-    out = torch.zeros(len(keys), len(index), dtype=torch.bool)
-    out[torch.arange(len(keys)), torch.tensor([index[k] for k in keys])] = True
-    return out
+from retrieval.training.losses import MAX_LOGIT_SCALE, info_nce
+from retrieval.training.pairs import Pair, positives_matrix
 
 
 class LateFusionObjective:
     loss_defaults: dict[str, Any] = {"lambda_global": 1.0, "lambda_fused": 1.0, "lambda_head": 1.0}
-    logit_scale_bounds = (0.0, math.log(100))
+    logit_scale_bounds = (0.0, MAX_LOGIT_SCALE)
 
     def __init__(self, encoder: LateFusionEncoder, pairs: list[Pair], device: str = "cpu", progress: bool = True):
         self.encoder = encoder
         self.model = encoder.model
         self.device = device
+        unknown = sorted(set(self.model.config.loss) - set(self.loss_defaults))
+        if unknown:
+            raise RetrievalError(f"unknown loss settings {', '.join(unknown)}; known: {', '.join(self.loss_defaults)}")
         self.weights = self.loss_defaults | self.model.config.loss
         self._pixels: dict[str, torch.Tensor] = {}
         self._rows: dict[str, list[int]] = {}
@@ -71,9 +66,12 @@ class LateFusionObjective:
         caption_images = list(dict.fromkeys(i for i, _ in captions))
         caption_texts = list(dict.fromkeys(t for _, t in captions))
         caption_positives = torch.zeros(len(caption_texts), len(caption_images), dtype=torch.bool)
+        row, column = {t: j for j, t in enumerate(caption_texts)}, {i: j for j, i in enumerate(caption_images)}
         for i, t in captions:  # equal captions (Digits' templates) share every image they describe
-            caption_positives[caption_texts.index(t), caption_images.index(i)] = True
-        batch = {"pixels": torch.stack([self.pixels(p) for p in images]).float(),
+            caption_positives[row[t], column[i]] = True
+        size = self.encoder.config.image_size
+        pixels = torch.stack([self.pixels(p) for p in images]) if images else torch.zeros(0, 3, size, size)
+        batch = {"pixels": pixels.float(),
                  "text": torch.tensor([self.text_row(t) for t in texts]),
                  "left": refs([(p.query_image, p.query_text) for p in pairs]), "right": refs(targets),
                  "positives": positives_matrix([p.target for p in pairs], targets),
@@ -86,8 +84,11 @@ class LateFusionObjective:
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         model = self.model
-        image_global, image_local = model.image_outputs(batch["pixels"])
         text_global, text_local = model.text_outputs(batch["text"])
+        if len(batch["pixels"]):
+            image_global, image_local = model.image_outputs(batch["pixels"])
+        else:  # a batch of text pairs only: no image is ever indexed
+            image_global, image_local = text_global.new_zeros(1, text_global.shape[-1]), None
         empty, scale = text_global[-1], model.logit_scale
 
         def embed(refs: tuple[torch.Tensor, torch.Tensor], mode: str) -> torch.Tensor:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from retrieval.encoders.layers import full_precision
+
+MAX_LOGIT_SCALE = math.log(100)  # CLIP's and SigLIP's cap on the logit scale e^s
 
 
 def siglip_loss(left: torch.Tensor, right: torch.Tensor, positives: torch.Tensor, logit_scale: torch.Tensor,
@@ -36,7 +42,8 @@ def info_nce(left: torch.Tensor, right: torch.Tensor, positives: torch.Tensor, l
              ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE with e^s · cosine logits; `positives` [B, U] may mark several targets per row
     (equal targets scored once); each row's and column's loss is −log of its positives' softmax share."""
-    logits = logit_scale.exp() * left.float() @ right.float().T
+    with full_precision(left):
+        logits = logit_scale.float().exp() * left.float() @ right.float().T
     hidden = torch.finfo(logits.dtype).min
 
     def side(scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -54,7 +61,8 @@ def fine_grained_loss(tokens: torch.Tensor, grouped: torch.Tensor, words: torch.
     `mean`: "token" (the pseudo-code: one mean over all words of the batch) or "caption" (Eq. 6: per caption,
     then over captions)."""
     t, c = F.normalize(tokens.float(), dim=-1), F.normalize(grouped.float(), dim=-1)
-    logits = logit_scale.exp() * c @ t.transpose(1, 2)  # [B, L(c), L(t)]
+    with full_precision(t):
+        logits = logit_scale.float().exp() * c @ t.transpose(1, 2)  # [B, L(c), L(t)]
     hidden = torch.finfo(logits.dtype).min
     columns = words[:, None, :]
     losses = []

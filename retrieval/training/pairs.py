@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from evaluation.benchmark_folder import PAIRS, read_dataset
 from retrieval.errors import RetrievalError
 from retrieval.files import read_jsonl
@@ -86,3 +88,11 @@ def batch_stream(groups: list[list[int]], batch_size: int, seed: int, start: int
                 yield batch
             step += 1
         epoch += 1
+
+
+def positives_matrix(keys: list, columns: list) -> torch.Tensor:
+    """[len(keys), len(set(columns))]: row i is positive for the column holding keys[i]; columns deduped."""
+    index = {c: j for j, c in enumerate(dict.fromkeys(columns))}
+    out = torch.zeros(len(keys), len(index), dtype=torch.bool)
+    out[torch.arange(len(keys)), torch.tensor([index[k] for k in keys])] = True
+    return out

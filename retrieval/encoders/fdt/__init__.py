@@ -7,18 +7,10 @@ with what weight — and, for explanations, which words or patches activate a to
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
-from retrieval.encoders.base import EncoderConfig
-from retrieval.encoders.fdt.model import FDT, FDTConfig
+from retrieval.encoders.fdt.model import FDT
 from retrieval.encoders.late_fusion import LateFusionEncoder
 from retrieval.errors import RetrievalError
-from retrieval.images import load_image
-
-
-def fdt_config(config: EncoderConfig) -> FDTConfig:
-    return FDTConfig.from_dict(config.model, config.image_size, config.context_length)
-
 
 CODE_COLUMNS = ("image_code_ids", "image_code_weights", "text_code_ids", "text_code_weights")
 
@@ -29,12 +21,7 @@ class FDTEncoder(LateFusionEncoder):
 
     extra_columns = CODE_COLUMNS
 
-    @classmethod
-    def build_model(cls, config: EncoderConfig) -> FDT:
-        model_config = fdt_config(config)
-        if model_config.dim != config.dim:
-            raise RetrievalError(f"{config.name}: dim {config.dim} must equal the codebook dim {model_config.dim}")
-        return FDT(model_config)
+    model_class = FDT
 
     @torch.inference_mode()
     def codes(self, images: list | None = None, texts: list[str] | None = None) -> torch.Tensor:
@@ -42,9 +29,7 @@ class FDTEncoder(LateFusionEncoder):
         if (images is None) == (texts is None):
             raise RetrievalError("codes takes images or texts")
         if images is not None:
-            pixels = torch.stack([self.prepare(i if isinstance(i, Image.Image) else load_image(i), None)["pixels"]
-                                  for i in images]).to(self.device)
-            return self.model.image_outputs(pixels)[1].float().cpu()
+            return self.model.image_outputs(self.pixels(images))[1].float().cpu()
         ids = torch.tensor([self.tokenizer.row(t, self.config.context_length) for t in texts], device=self.device)
         return self.model.text_outputs(ids)[1].float().cpu()
 
@@ -55,7 +40,8 @@ class FDTEncoder(LateFusionEncoder):
         sides = (("image", batch["has_image"], image_codes), ("text", batch["has_text"], text_codes))
         for side, present, codes in sides:
             ids, weights = [None] * len(vectors), [None] * len(vectors)
-            for row, code in zip(present.nonzero().flatten().tolist(), codes if codes is not None else []):
+            codes = codes.float().cpu() if codes is not None else []  # one transfer, not one per item
+            for row, code in zip(present.nonzero().flatten().tolist(), codes):
                 active = code.nonzero().flatten()
                 ids[row], weights[row] = active.tolist(), code[active].float().tolist()
             columns[f"{side}_code_ids"], columns[f"{side}_code_weights"] = ids, weights
@@ -88,14 +74,11 @@ class FDTEncoder(LateFusionEncoder):
         positions' labels (the word pieces; empty for an image)."""
         model = self.model
         if image is not None:
-            image = image if isinstance(image, Image.Image) else load_image(image)
-            pixels = self.prepare(image, None)["pixels"][None].to(self.device)
-            scores = model.scores(model.visual(pixels), model.img_query_model)
+            scores = model.scores(model.visual(self.pixels([image])), model.img_query_model)
             return model.code(scores)[0].float().cpu(), scores[0].float().cpu(), []
         ids = torch.tensor([self.tokenizer.row(text or "", self.config.context_length)], device=self.device)
         valid = model.text_valid(ids)
         scores = model.scores(model.encode_text(ids, valid), model.txt_query_model, valid)
-        ids_ = model.config.special_ids
-        words = (valid & (ids != ids_.sot) & (ids != ids_.eot))[0]
+        words = model.word_mask(ids)[0]
         labels = [self.tokenizer.backend.decode([i]).strip() for i in ids[0, words].tolist()]
         return model.code(scores)[0].float().cpu(), scores[0, words].float().cpu(), labels

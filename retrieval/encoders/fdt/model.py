@@ -10,15 +10,15 @@ sparsemax → w; the embedding is Eᵀw. Parameter names follow the official che
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from retrieval.encoders.fdt.sparsemax import sparsemax
-from retrieval.encoders.late_fusion import DualEncoderModel, FusionHead
-from retrieval.encoders.layers import Transformer
+from retrieval.encoders.late_fusion import DualEncoderModel, FusionHead, tower_config
+from retrieval.encoders.layers import Transformer, full_precision
 from retrieval.errors import RetrievalError
 from retrieval.text_tokenizer import OWN_IDS, SpecialIds
 
@@ -52,21 +52,16 @@ class FDTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], image_size: int, context_length: int) -> FDTConfig:
-        known = {f.name for f in fields(cls)} - {"image_size", "context_length"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RetrievalError(f"unknown FDT model keys: {', '.join(unknown)}")
-        data = dict(data)
-        if "special_ids" in data:
-            data["special_ids"] = SpecialIds(**data["special_ids"])
-        config = cls(**data, image_size=image_size, context_length=context_length)
+        config = tower_config(cls, data, image_size, context_length, "FDT")
         if config.pad_mask not in PAD_MASKS:
             raise RetrievalError(f"pad_mask must be one of {', '.join(PAD_MASKS)}, not {config.pad_mask!r}")
         if config.temperature <= 0:
             raise RetrievalError(f"the FDT temperature must be positive, not {config.temperature}")
-        if image_size % config.patch:
-            raise RetrievalError(f"image size {image_size} is not a multiple of the patch size {config.patch}")
         return config
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch
 
 
 class VisionTower(nn.Module):
@@ -75,7 +70,7 @@ class VisionTower(nn.Module):
 
     def __init__(self, config: FDTConfig):
         super().__init__()
-        width, grid = config.vision_width, config.image_size // config.patch
+        width, grid = config.vision_width, config.grid
         self.conv1 = nn.Conv2d(3, width, config.patch, stride=config.patch, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(width) * width ** -0.5)
         self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) * width ** -0.5)
@@ -121,6 +116,8 @@ class QueryMap(nn.Module):
 
 
 class FDT(DualEncoderModel):
+    config_class = FDTConfig
+
     def __init__(self, config: FDTConfig):
         super().__init__()
         self.config = config
@@ -142,13 +139,15 @@ class FDT(DualEncoderModel):
     def scores(self, features: torch.Tensor, query_map: QueryMap, valid: torch.Tensor | None = None
                ) -> torch.Tensor:
         """Per-position codebook scores [B, N, C], scaled by 1/√d, masked, divided by T (before pooling)."""
-        s = query_map(features) @ self.space_dict.to(features.dtype).T / math.sqrt(self.config.dim)
-        if valid is not None:
-            if self.config.pad_mask == "zero":
-                s = s * valid[..., None].to(s.dtype)
-            else:
-                s = s.masked_fill(~valid[..., None], float("-inf"))
-        return s / self.config.temperature
+        queries = query_map(features)
+        with full_precision(queries):  # scores / T decide the support of sparsemax: no bfloat16 here
+            s = queries.float() @ self.space_dict.float().T / math.sqrt(self.config.dim)
+            if valid is not None:
+                if self.config.pad_mask == "zero":
+                    s = s * valid[..., None].to(s.dtype)
+                else:
+                    s = s.masked_fill(~valid[..., None], float("-inf"))
+            return s / self.config.temperature
 
     def code(self, scores: torch.Tensor) -> torch.Tensor:
         """The sparse code w [B, C]: max over positions, then sparsemax."""
@@ -156,7 +155,8 @@ class FDT(DualEncoderModel):
 
     def from_code(self, code: torch.Tensor) -> torch.Tensor:
         """The (un-normalised) embedding Eᵀw of codes [B, C]."""
-        return code @ self.space_dict.to(code.dtype)
+        with full_precision(code):
+            return code.float() @ self.space_dict.float()
 
     def image_outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(embedding Eᵀw [B, dim], code w [B, C])."""

@@ -8,14 +8,14 @@ g_t(masked mean of tokens). Fine-grained grouping: raw token · patch similariti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from retrieval.encoders.late_fusion import DualEncoderModel, FusionHead
-from retrieval.encoders.layers import Transformer
+from retrieval.encoders.late_fusion import DualEncoderModel, FusionHead, tower_config
+from retrieval.encoders.layers import Transformer, full_precision
 from retrieval.errors import RetrievalError
 from retrieval.text_tokenizer import OWN_IDS, SpecialIds
 
@@ -47,18 +47,9 @@ class SPARCConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], image_size: int, context_length: int) -> SPARCConfig:
-        known = {f.name for f in fields(cls)} - {"image_size", "context_length"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RetrievalError(f"unknown SPARC model keys: {', '.join(unknown)}")
-        data = dict(data)
-        if "special_ids" in data:
-            data["special_ids"] = SpecialIds(**data["special_ids"])
-        config = cls(**data, image_size=image_size, context_length=context_length)
+        config = tower_config(cls, data, image_size, context_length, "SPARC")
         if config.threshold not in THRESHOLDS:
             raise RetrievalError(f"threshold must be one of {', '.join(THRESHOLDS)}, not {config.threshold!r}")
-        if image_size % config.patch:
-            raise RetrievalError(f"image size {image_size} is not a multiple of the patch size {config.patch}")
         return config
 
     @property
@@ -102,6 +93,8 @@ class TextTower(nn.Module):
 
 
 class SPARC(DualEncoderModel):
+    config_class = SPARCConfig
+
     def __init__(self, config: SPARCConfig):
         super().__init__()
         self.config = config
@@ -122,17 +115,8 @@ class SPARC(DualEncoderModel):
     def text_outputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(global feature [B, dim] = masked mean of tokens, tokens g_t(f_t) [B, L, dim]); not normalised."""
         tokens = self.g_t(self.text(ids))
-        valid = (ids != self.config.special_ids.pad).to(tokens.dtype)[..., None]
+        valid = self.text_valid(ids).to(tokens.dtype)[..., None]
         return (tokens * valid).sum(1) / valid.sum(1).clamp(min=1), tokens
-
-    def dense_patches(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patches through h_v then g_v [B, P, dim]: comparable with text embeddings (localisation)."""
-        return self.g_v(self.h_v(self.visual(pixels)))
-
-    def word_mask(self, ids: torch.Tensor) -> torch.Tensor:
-        """The caption's word tokens: not padding, not SOT or EOT. These group patches and are anchors."""
-        ids_ = self.config.special_ids
-        return (ids != ids_.pad) & (ids != ids_.sot) & (ids != ids_.eot)
 
     def group(self, tokens: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alignment weights [B, L, P], language-grouped vision embeddings c [B, L, dim])."""
@@ -144,16 +128,17 @@ def alignment_weights(tokens: torch.Tensor, patches: torch.Tensor, threshold: st
                       epsilon: float = 1e-6) -> torch.Tensor:
     """SPARC's a_lp [B, L, P]: raw similarities, min-max over patches per token, the 1/P threshold, rows
     renormalised to sum 1. Gradients flow through the weights (the paper does not stop them)."""
-    sim = tokens.float() @ patches.float().transpose(1, 2)
-    low, high = sim.amin(-1, keepdim=True), sim.amax(-1, keepdim=True)
-    scaled = (sim - low) / (high - low + epsilon)
-    sigma = 1.0 / sim.shape[-1]
-    if threshold == "minmax":
-        scaled = torch.where(scaled >= sigma, scaled, torch.zeros_like(scaled))
-    weights = scaled / scaled.sum(-1, keepdim=True).clamp(min=epsilon)
-    if threshold == "uniform":
-        weights = torch.where(weights >= sigma, weights, torch.zeros_like(weights))
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=epsilon)
-    # a degenerate token (all similarities equal) keeps nothing: give it uniform weights instead
-    empty = weights.sum(-1, keepdim=True) <= 0
-    return torch.where(empty, torch.full_like(weights, sigma), weights)
+    with full_precision(tokens):
+        sim = tokens.float() @ patches.float().transpose(1, 2)
+        low, high = sim.amin(-1, keepdim=True), sim.amax(-1, keepdim=True)
+        scaled = (sim - low) / (high - low + epsilon)
+        sigma = 1.0 / sim.shape[-1]
+        if threshold == "minmax":
+            scaled = torch.where(scaled >= sigma, scaled, torch.zeros_like(scaled))
+        weights = scaled / scaled.sum(-1, keepdim=True).clamp(min=epsilon)
+        if threshold == "uniform":
+            weights = torch.where(weights >= sigma, weights, torch.zeros_like(weights))
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=epsilon)
+        # a degenerate token (all similarities equal) keeps nothing: give it uniform weights instead
+        empty = weights.sum(-1, keepdim=True) <= 0
+        return torch.where(empty, torch.full_like(weights, sigma), weights)
