@@ -13,9 +13,7 @@ $(BIN)/retrieval: pyproject.toml
 setup: $(BIN)/retrieval
 
 demo: setup
-	$(BIN)/retrieval data make shapesworld --out demo/data --n 1000 --no-train-pairs
-	$(BIN)/retrieval index build demo/data/corpus.jsonl --model test-tiny --out demo/index
-	$(BIN)/retrieval search --index demo/index --image demo/data/images/000007.png --text "rotate 90 degrees clockwise" -k 5
+	$(BIN)/retrieval demo --out demo
 
 test: setup
 	$(BIN)/ruff check .

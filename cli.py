@@ -287,6 +287,27 @@ def eval_(
             typer.echo(f"wrote {path}")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo"), "--out", help="Folder for the data, indexes, contact sheets and eval."),
+    models: str = typer.Option("fuselip-tiny,sparc-tiny,fdt-tiny", "--models", help="Comma-separated models."),
+    n_shapes: int = typer.Option(400, "--n-shapes", help="ShapesWorld scenes to generate."),
+    n_digits: int = typer.Option(300, "--n-digits", help="Digits to use."),
+    k: int = typer.Option(5, "-k", "--k", help="Hits shown per query."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """The whole path offline: generate data, index it with each bundled model, ask every kind of query,
+    write contact sheets, print the eval table."""
+    from evaluation.demo import run_demo
+    from retrieval.search import check_k
+
+    check_k(k)
+    names = tuple(m.strip() for m in models.split(",") if m.strip())
+    if not names:
+        raise RetrievalError("--models needs at least one model")
+    run_demo(out, names, n_shapes=n_shapes, n_digits=n_digits, k=k, device=device, echo=typer.echo)
+
+
 def _print_bench(report: dict, lines: list[str], json_out: Path | None) -> None:
     typer.echo("\n".join(lines))
     if json_out is not None:
