@@ -9,7 +9,7 @@ $(BIN)/retrieval: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint results
 setup: $(BIN)/retrieval
 
 demo: setup
@@ -21,3 +21,6 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+results: setup
+	$(BIN)/retrieval results --out docs

@@ -308,6 +308,26 @@ def demo(
     run_demo(out, names, n_shapes=n_shapes, n_digits=n_digits, k=k, device=device, echo=typer.echo)
 
 
+@app.command()
+def results(
+    out: Path = typer.Option(Path("docs"), "--out", help="Folder for results.md and its plot."),
+    models: str = typer.Option("fuselip-tiny,sparc-tiny,fdt-tiny", "--models", help="Comma-separated models."),
+    bench: bool = typer.Option(True, "--bench/--no-bench", help="Also run the index and encode benchmarks "
+                                                                "(about 25 minutes on 2 cores)."),
+    index_n: int = typer.Option(1_000_000, "--index-n", help="Vectors for the index benchmark."),
+    encode_n: int = typer.Option(5_000, "--encode-n", help="Items for the encode benchmark."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Measure everything and write the results page: eval of every model, bench figures, published numbers."""
+    from evaluation.results import write_results
+
+    names = tuple(m.strip() for m in models.split(",") if m.strip())
+    if not names:
+        raise RetrievalError("--models needs at least one model")
+    path = write_results(out, names, index_n=index_n, encode_n=encode_n, bench=bench, device=device)
+    typer.echo(f"wrote {path}")
+
+
 def _print_bench(report: dict, lines: list[str], json_out: Path | None) -> None:
     typer.echo("\n".join(lines))
     if json_out is not None:
