@@ -10,7 +10,9 @@ same space.
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +25,54 @@ from retrieval.encoders.base import Encoder, EncoderConfig
 from retrieval.encoders.layers import Transformer
 from retrieval.errors import RetrievalError
 from retrieval.images import image_to_array, load_image
-from retrieval.text_tokenizer import TextTokenizer
+from retrieval.text_tokenizer import OWN_IDS, SpecialIds, TextTokenizer
 
 FUSION_MODES = ("score", "head")
 
 
-def tower_config(cls, data: dict[str, Any], image_size: int, context_length: int, family: str):
-    """A dual-encoder family's model config (a dataclass with `patch`) from the `model` dict of an encoder
-    config: unknown keys refused, special ids parsed, the image size a multiple of the patch."""
-    from dataclasses import fields
+@dataclass(kw_only=True)
+class TowerConfig:
+    """The sizes every dual-encoder family shares: a ViT over patches, a text transformer, a shared `dim`;
+    a family's config adds its own fields and checks (`check`)."""
 
-    from retrieval.text_tokenizer import SpecialIds
+    dim: int
+    image_size: int
+    patch: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    context_length: int
+    text_vocab: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    mlp_ratio: float = 4.0
+    special_ids: SpecialIds = OWN_IDS
+    fusion_head: dict[str, int] | None = field(default_factory=lambda: {"layers": 2, "heads": 4})
+    init_logit_scale: float = math.log(1 / 0.07)
+    loss: dict[str, Any] = field(default_factory=dict)  # read by the training objective
 
-    unknown = sorted(set(data) - ({f.name for f in fields(cls)} - {"image_size", "context_length"}))
-    if unknown:
-        raise RetrievalError(f"unknown {family} model keys: {', '.join(unknown)}")
-    data = dict(data)
-    if "special_ids" in data:
-        data["special_ids"] = SpecialIds(**data["special_ids"])
-    config = cls(**data, image_size=image_size, context_length=context_length)
-    if image_size % config.patch:
-        raise RetrievalError(f"image size {image_size} is not a multiple of the patch size {config.patch}")
-    return config
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], image_size: int, context_length: int):
+        """From the `model` dict of an encoder config: unknown keys refused, special ids parsed, then checked."""
+        unknown = sorted(set(data) - ({f.name for f in fields(cls)} - {"image_size", "context_length"}))
+        if unknown:
+            raise RetrievalError(f"unknown {cls.__name__.removesuffix('Config')} model keys: {', '.join(unknown)}")
+        data = dict(data)
+        if "special_ids" in data:
+            data["special_ids"] = SpecialIds(**data["special_ids"])
+        config = cls(**data, image_size=image_size, context_length=context_length)
+        if image_size % config.patch:
+            raise RetrievalError(f"image size {image_size} is not a multiple of the patch size {config.patch}")
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """The family's own checks of its fields."""
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch
 
 
 class AttentionalPooler(nn.Module):

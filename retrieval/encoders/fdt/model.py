@@ -10,58 +10,33 @@ sparsemax → w; the embedding is Eᵀw. Parameter names follow the official che
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from retrieval.encoders.fdt.sparsemax import sparsemax
-from retrieval.encoders.late_fusion import DualEncoderModel, FusionHead, tower_config
+from retrieval.encoders.late_fusion import DualEncoderModel, FusionHead, TowerConfig
 from retrieval.encoders.layers import Transformer, full_precision
 from retrieval.errors import RetrievalError
-from retrieval.text_tokenizer import OWN_IDS, SpecialIds
 
 PAD_MASKS = ("zero", "neg_inf")
 
 
-@dataclass
-class FDTConfig:
-    dim: int  # codebook vector size d = embedding size
+@dataclass(kw_only=True)
+class FDTConfig(TowerConfig):
     codebook_size: int
     temperature: float  # T: not in the official checkpoints; inference must use the training value
-    image_size: int
-    patch: int
-    vision_width: int
-    vision_layers: int
-    vision_heads: int
-    context_length: int
-    text_vocab: int
-    text_width: int
-    text_layers: int
-    text_heads: int
-    mlp_ratio: float = 4.0
-    special_ids: SpecialIds = OWN_IDS
     pad_mask: str = "zero"  # "zero": the official behaviour; "neg_inf": padding cannot win the max
     text_causal: bool = True  # CLIP's text tower, as the official FDT
     quick_gelu: bool = False  # the official towers' blocks use QuickGELU (x·σ(1.702x)), not the exact GELU
     freeze_patch_embedding: bool = True  # the official recipe keeps conv1 at its random init
-    fusion_head: dict[str, int] | None = field(default_factory=lambda: {"layers": 2, "heads": 4})
-    init_logit_scale: float = math.log(1 / 0.07)
-    loss: dict[str, Any] = field(default_factory=dict)  # read by the training objective
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], image_size: int, context_length: int) -> FDTConfig:
-        config = tower_config(cls, data, image_size, context_length, "FDT")
-        if config.pad_mask not in PAD_MASKS:
-            raise RetrievalError(f"pad_mask must be one of {', '.join(PAD_MASKS)}, not {config.pad_mask!r}")
-        if config.temperature <= 0:
-            raise RetrievalError(f"the FDT temperature must be positive, not {config.temperature}")
-        return config
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch
+    def check(self) -> None:
+        if self.pad_mask not in PAD_MASKS:
+            raise RetrievalError(f"pad_mask must be one of {', '.join(PAD_MASKS)}, not {self.pad_mask!r}")
+        if self.temperature <= 0:
+            raise RetrievalError(f"the FDT temperature must be positive, not {self.temperature}")
 
 
 class VisionTower(nn.Module):

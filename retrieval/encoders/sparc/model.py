@@ -7,54 +7,28 @@ g_t(masked mean of tokens). Fine-grained grouping: raw token · patch similariti
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from retrieval.encoders.late_fusion import DualEncoderModel, FusionHead, tower_config
+from retrieval.encoders.late_fusion import DualEncoderModel, FusionHead, TowerConfig
 from retrieval.encoders.layers import Transformer, full_precision
 from retrieval.errors import RetrievalError
-from retrieval.text_tokenizer import OWN_IDS, SpecialIds
 
 THRESHOLDS = ("minmax", "uniform", "off")
 
 
-@dataclass
-class SPARCConfig:
-    dim: int
-    image_size: int
-    patch: int
-    vision_width: int
-    vision_layers: int
-    vision_heads: int
-    context_length: int
-    text_vocab: int
-    text_width: int
-    text_layers: int
-    text_heads: int
-    mlp_ratio: float = 4.0
-    special_ids: SpecialIds = OWN_IDS
+@dataclass(kw_only=True)
+class SPARCConfig(TowerConfig):
     # where the 1/P threshold applies: on the min-max values (the paper, literally), on the
     # sum-normalised weights ("uniform": keep patches above a uniform share), or nowhere
     threshold: str = "minmax"
     epsilon: float = 1e-6
-    fusion_head: dict[str, int] | None = field(default_factory=lambda: {"layers": 2, "heads": 4})
-    init_logit_scale: float = math.log(1 / 0.07)
-    loss: dict[str, Any] = field(default_factory=dict)  # read by the training objective
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], image_size: int, context_length: int) -> SPARCConfig:
-        config = tower_config(cls, data, image_size, context_length, "SPARC")
-        if config.threshold not in THRESHOLDS:
-            raise RetrievalError(f"threshold must be one of {', '.join(THRESHOLDS)}, not {config.threshold!r}")
-        return config
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch
+    def check(self) -> None:
+        if self.threshold not in THRESHOLDS:
+            raise RetrievalError(f"threshold must be one of {', '.join(THRESHOLDS)}, not {self.threshold!r}")
 
 
 class VisionTower(nn.Module):
