@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image, ImageDraw
 
 from evaluation.shapesworld import make_shapesworld
 
@@ -38,3 +40,34 @@ def shapes_store(shapes_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store") / "store"
     encode_corpus(shapes_corpus, out, "test-tiny", batch_size=64, workers=0, part_size=128, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: one intra-op thread is fastest, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 20)}
+
+
+def shape_image(colour: tuple[int, int, int], shape: str, size: int = 16) -> Image.Image:
+    """A filled circle on white or a filled square on dark grey."""
+    img = Image.new("RGB", (size, size), "white" if shape == "circle" else (40, 40, 40))
+    draw = ImageDraw.Draw(img)
+    (draw.ellipse if shape == "circle" else draw.rectangle)([3, 3, size - 4, size - 4], fill=colour)
+    return img
+
+
+def write_shape_images(folder: Path) -> dict[str, str]:
+    """PNG files `<colour>-<shape>` in `folder` for the four COLOURS and two shapes; name → path."""
+    paths = {}
+    for name, colour in COLOURS.items():
+        for shape in ("square", "circle"):
+            path = folder / f"{name}-{shape}.png"
+            shape_image(colour, shape).save(path)
+            paths[f"{name}-{shape}"] = str(path)
+    return paths

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
-from PIL import Image, ImageDraw
+from conftest import run_cli, write_shape_images
+from PIL import Image
 from test_fuselip_import import write_clip_bpe
 
 from retrieval import RetrievalError
@@ -32,19 +32,12 @@ from retrieval.encoders.registry import get_config, load_encoder
 from retrieval.text_tokenizer import OWN_IDS, TextTokenizer
 from retrieval.training.pairs import Pair
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread
+
 CTX = 12
 GRID = 4  # 16 px, patch 4
 CODEBOOK = 64
 TOKENIZERS = "retrieval/checkpoints/tokenizers"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one intra-op thread is fastest, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -68,27 +61,10 @@ def tiny_encoder(tok: TextTokenizer, seed: int = 0, fusion_mode: str = "score", 
     return FDTEncoder(config, FDTEncoder.build_model(config), tokenizer=tok, fusion_mode=fusion_mode)
 
 
-def shape_image(colour: tuple[int, int, int], shape: str, size: int = 16) -> Image.Image:
-    img = Image.new("RGB", (size, size), "white" if shape == "circle" else (40, 40, 40))
-    draw = ImageDraw.Draw(img)
-    (draw.ellipse if shape == "circle" else draw.rectangle)([3, 3, size - 4, size - 4], fill=colour)
-    return img
-
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 20)}
-
-
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory) -> dict[str, str]:
     """PNG files `<colour>-<shape>` for four colours and two shapes."""
-    folder = tmp_path_factory.mktemp("fdt-images")
-    paths = {}
-    for name, colour in COLOURS.items():
-        for shape in ("square", "circle"):
-            path = folder / f"{name}-{shape}.png"
-            shape_image(colour, shape).save(path)
-            paths[f"{name}-{shape}"] = str(path)
-    return paths
+    return write_shape_images(tmp_path_factory.mktemp("fdt-images"))
 
 
 def cli_in_process(capsys, *args: str | Path) -> tuple[int, str]:

@@ -24,6 +24,8 @@ from retrieval.training.fuselip import FuseLIPObjective
 from retrieval.training.losses import mask_tokens, masked_token_loss, siglip_loss
 from retrieval.training.pairs import Pair
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread
+
 SENTENCES = [
     "a red square on a white background",
     "a blue circle next to a green triangle",
@@ -51,15 +53,6 @@ def tiny_config(seed: int = 0) -> EncoderConfig:
     }
     return EncoderConfig(name="fuselip-test", family="fuselip", dim=32, image_size=16, mean=(0.0, 0.0, 0.0),
                          std=(1.0, 1.0, 1.0), context_length=CTX, model=model, seed=seed)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one intra-op thread is fastest, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,14 @@ import pytest
 import torch
 from conftest import run_cli
 from PIL import Image
-from test_fuselip import _gelu, _ln, one_thread, pictures, sequence_of  # noqa: F401 (one_thread: autouse fixture)
+from test_fuselip import _gelu, _ln, pictures, sequence_of  # noqa: F401 (pictures: a fixture used here)
 
 from retrieval import RetrievalError
 from retrieval.encoders.fuselip import FuseLIPEncoder
 from retrieval.encoders.registry import load_encoder
 from retrieval.text_tokenizer import TextTokenizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread
 
 # ---------------------------------------------------------------- 8. the official checkpoint importer
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from conftest import COLOURS, shape_image, write_shape_images
+from PIL import Image
 
 from retrieval import RetrievalError
 from retrieval.encoders.base import EncoderConfig
@@ -24,6 +25,8 @@ from retrieval.text_tokenizer import OWN_IDS, TextTokenizer
 from retrieval.training.losses import fine_grained_loss, info_nce
 from retrieval.training.pairs import Pair
 from retrieval.training.sparc import SPARCObjective
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread
 
 # tiny SPARC: 16×16 px, patch 4 → a 4×4 grid (P = 16), width 32, 12 ids of context
 CTX = 12
@@ -45,15 +48,6 @@ def tiny_model(seed: int = 0, **model) -> SPARC:
     return SPARCEncoder.build_model(tiny_config(**model))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one intra-op thread is fastest, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok() -> TextTokenizer:
     return TextTokenizer.load(TOKENIZERS, OWN_IDS)
@@ -65,27 +59,10 @@ def tiny_encoder(tok: TextTokenizer, seed: int = 0, fusion_mode: str = "score", 
     return SPARCEncoder(config, SPARCEncoder.build_model(config), tokenizer=tok, fusion_mode=fusion_mode)
 
 
-def shape_image(colour: tuple[int, int, int], shape: str, size: int = 16) -> Image.Image:
-    img = Image.new("RGB", (size, size), "white" if shape == "circle" else (40, 40, 40))
-    draw = ImageDraw.Draw(img)
-    (draw.ellipse if shape == "circle" else draw.rectangle)([3, 3, size - 4, size - 4], fill=colour)
-    return img
-
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 20)}
-
-
 @pytest.fixture(scope="module")
 def pair_images(tmp_path_factory) -> dict[str, str]:
     """PNG files `<colour>-<shape>` for four colours and two shapes."""
-    folder = tmp_path_factory.mktemp("sparc-images")
-    paths = {}
-    for name, colour in COLOURS.items():
-        for shape in ("square", "circle"):
-            path = folder / f"{name}-{shape}.png"
-            shape_image(colour, shape).save(path)
-            paths[f"{name}-{shape}"] = str(path)
-    return paths
+    return write_shape_images(tmp_path_factory.mktemp("sparc-images"))
 
 
 # ---------------------------------------------------------------- hand computations (plain python / numpy)
