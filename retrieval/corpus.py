@@ -175,7 +175,7 @@ def _check_rows(records: list[dict[str, Any]], root: Path, max_text_chars: int) 
             row["error"] = _row_error(row, image, text, max_text_chars, first_seen)
         if row["error"] is None:
             first_seen[row["id"]] = position
-        row["image"] = str(root / image) if isinstance(image, str) and image.strip() else None
+        row["image"] = os.path.normpath(root / image) if isinstance(image, str) and image.strip() else None
         row["text"] = text if isinstance(text, str) else None
         for key, value in row.items():
             if _has_bad_utf8(value):  # keep the row (with its error) storable: arrow needs valid UTF-8

@@ -662,3 +662,15 @@ def test_unusable_out_is_one_error_line(kind, shapes_corpus, tmp_path):
     assert (out.read_text() if kind == "a file" else (out / "precious.txt").read_text()) == "precious"
     if kind != "a file":
         assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_manifest_image_paths_are_absolute_and_normalised(tmp_path):
+    """A manifest in a subfolder that points up (`../images/a.png`, as task galleries do) gives a plain path."""
+    from retrieval.corpus import read_corpus
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "images" / "a.png")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "gallery.jsonl").write_text('{"id": "a", "image": "../images/a.png"}\n')
+    image = read_corpus(tmp_path / "tasks" / "gallery.jsonl").table.column("image")[0].as_py()
+    assert image == str((tmp_path / "images" / "a.png").resolve())

@@ -1,0 +1,286 @@
+"""The README, run: every command of its ```bash blocks and every ```python block, top to bottom in one scratch
+folder as a new user would, with only the sizes of long runs cut down (SMALLER, each rule checked to apply);
+and its CLI reference checked against the real commands and options. The README and the tool cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+BIN = Path(sys.executable).parent
+
+# The README's long runs, made smaller: (command words, option, value). The value replaces the README's or is
+# added when the README leaves the option at its default. Every rule must apply to some README command.
+SMALLER: list[tuple[tuple[str, ...], str, str]] = [
+    (("data", "make", "shapesworld"), "--n", "200"),  # 2,000 scenes → 200, except the walkthrough's 400 (below)
+    (("train",), "--steps", "2"),
+    (("train",), "--batch-size", "32"),
+    (("train",), "--warmup", "1"),
+    (("bench", "index"), "--n", "10000"),
+    (("bench", "encode"), "--n", "200"),
+    (("demo",), "--n-shapes", "120"),
+    (("demo",), "--n-digits", "100"),
+    (("results",), "--models", "test-tiny"),
+    (("results",), "--index-n", "3000"),
+    (("results",), "--encode-n", "64"),
+]
+KEEP = {("data", "make", "shapesworld"): {"--n": "400"}}  # the walkthrough's size: its ids (000360…) depend on it
+
+# Commands a test cannot run, with the reason; each must still be in the README.
+NOT_RUN = {
+    'pip uninstall -y faiss-cpu && pip install "faiss-gpu>=1.14.3"': "swaps this environment's FAISS for ~740 MB of "
+                                                                      "CUDA wheels",
+    "make test": "it is this test run (CI runs it through .ci/run)",
+}
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str, int]]:
+    """(language, body, line number) of every fenced block."""
+    return [(m.group(1), m.group(2), text[:m.start()].count("\n") + 1)
+            for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)]
+
+
+def command_lines(body: str) -> list[str]:
+    """A shell block's commands, backslash continuations joined, blank lines dropped."""
+    joined = re.sub(r"\\\n\s*", " ", body)
+    lines = [re.sub(r"(^|\s+)#\s.*$", "", line).strip() for line in joined.splitlines()]  # trailing comments
+    return [line for line in lines if line]
+
+
+def smaller(argv: list[str], fired: set[int]) -> list[str]:
+    """argv (after `retrieval`) with SMALLER applied; records which rules applied."""
+    argv = list(argv)
+    for i, (words, option, value) in enumerate(SMALLER):
+        if tuple(argv[:len(words)]) != words:
+            continue
+        if option in argv and KEEP.get(words, {}).get(option) == argv[argv.index(option) + 1]:
+            continue
+        fired.add(i)
+        if option in argv:
+            argv[argv.index(option) + 1] = value
+        else:
+            argv += [option, value]
+    return argv
+
+
+def make_recipe(target: str) -> list[str]:
+    """The `retrieval …` lines `make TARGET` runs (the set-up it depends on is this test's own environment)."""
+    out = subprocess.run(["make", "-n", "-C", str(ROOT), target], capture_output=True, text=True, check=True).stdout
+    lines = [line.split("/bin/retrieval ", 1)[1] for line in out.splitlines() if "/bin/retrieval " in line]
+    assert lines, f"make {target} runs no retrieval command:\n{out}"
+    return ["retrieval " + line for line in lines]
+
+
+# ---------------------------------------------------------------- what the user brings: downloads the README names
+
+
+def official_fuselip(folder: Path) -> None:
+    """A FuseLIP checkpoint folder in the official layout (reduced width; random weights)."""
+    from test_fuselip_import import official_config_json, random_official_state
+
+    folder.mkdir(parents=True)
+    torch.save(random_official_state(), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(official_config_json()), encoding="utf-8")
+
+
+def clip_bpe(folder: Path) -> None:
+    from test_fuselip_import import write_clip_bpe
+
+    folder.mkdir(parents=True)
+    write_clip_bpe(folder)
+
+
+def official_fdt(path: Path) -> None:
+    from test_fdt import random_official_state, save_official
+
+    save_official(random_official_state(), path)
+
+
+DOWNLOADS: dict[str, Callable[[Path], None]] = {
+    "FuseLIP-S-CC3M-MM": official_fuselip, "clip-bpe": clip_bpe, "ckpt_86560.pth.tar": official_fdt,
+}
+
+
+# ---------------------------------------------------------------- checks of what some commands printed or wrote
+
+
+def hits(stdout: str) -> list[str]:
+    """The ids of a printed hit table."""
+    lines = stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["rank", "score", "id"], stdout
+    return [line.split()[2] for line in lines[1:]]
+
+
+def check_filtered_json(out: str, cwd: Path) -> None:
+    rows = json.loads(out)
+    assert len(rows) == 3 and all(r["split"] == "test" and r["n_objects"] > 1 for r in rows)
+    assert all("caption" in r and r["text"] is None for r in rows)  # the caption is metadata, not embedded
+
+
+def check_own_edits(out: str, cwd: Path) -> None:
+    ids = hits(out)
+    assert len(ids) == 3 and all(i.startswith("shapes-000360-") for i in ids)
+
+
+def check_png(name: str) -> Callable[[str, Path], None]:
+    def check(out: str, cwd: Path) -> None:
+        with Image.open(cwd / name) as image:
+            assert image.format == "PNG" and min(image.size) > 64
+
+    return check
+
+
+def check_codes(out: str, cwd: Path) -> None:
+    columns = duckdb.sql(f"DESCRIBE SELECT * FROM '{cwd}/emb-codes/part-*.parquet'").fetchall()
+    assert {"image_code_ids", "image_code_weights", "text_code_ids", "text_code_weights"} <= {c[0] for c in columns}
+
+
+def check_python(out: str, cwd: Path) -> None:
+    lines = out.strip().splitlines()
+    assert len(lines) == 5 and lines[-1] == "(2, 128) float32", out
+    assert lines[3].split()[0].startswith("shapes-000360-"), out
+
+
+CHECKS: dict[str, Callable[[str, Path], None]] = {
+    "-k 3 --json": check_filtered_json,
+    "--where \"id LIKE 'shapes-000360-%'\"": check_own_edits,
+    "--explain why.png": check_png("why.png"),
+    "--explain tokens.png": check_png("tokens.png"),
+    "--sparse-codes": check_codes,
+    "import retrieval": check_python,
+}
+
+
+def run_command(line: str, cwd: Path, env: dict[str, str], fired: set[int]) -> subprocess.CompletedProcess:
+    argv = shlex.split(line)
+    if argv[0] == "retrieval":
+        line = shlex.join(["retrieval", *smaller(argv[1:], fired)])
+    return subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_every_readme_command_runs_top_to_bottom(tmp_path):
+    text = README.read_text(encoding="utf-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RETRIEVAL_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "2"}
+    fired: set[int] = set()
+    not_run, checked, ran = set(), set(), 0
+    for language, body, line_no in fenced_blocks(text):
+        if language == "python":
+            (work / f"block-{line_no}.py").write_text(body, encoding="utf-8")
+            runs = [(f"python block-{line_no}.py", body)]
+        elif language == "bash":
+            runs = []
+            for line in command_lines(body):
+                if line in NOT_RUN:
+                    not_run.add(line)
+                elif line.startswith((". ", "source ")):
+                    assert shlex.split(line)[1] == ".venv/bin/activate"  # the venv `make` creates; this test runs in it
+                    assert "VENV ?= .venv" in (ROOT / "Makefile").read_text()
+                elif line.startswith("make "):
+                    runs += [(recipe, line) for recipe in make_recipe(line.split()[1])]
+                else:
+                    runs.append((line, line))
+        else:
+            continue
+        for line, source in runs:
+            for name, write in DOWNLOADS.items():
+                if name in line and not (work / name).exists():
+                    write(work / name)
+            start = time.perf_counter()
+            proc = run_command(line, work, env, fired)
+            print(f"{time.perf_counter() - start:6.1f} s  {line[:110]}")
+            where = f"README.md line {line_no}: {source}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+            if "--device cuda" in line and not torch.cuda.is_available():
+                errors = proc.stderr.strip().splitlines()
+                assert proc.returncode == 2 and len(errors) == 1 and "CUDA" in errors[0], where
+            else:
+                assert proc.returncode == 0, where
+            for needle, check in CHECKS.items():
+                if needle in source:
+                    check(proc.stdout, work)
+                    checked.add(needle)
+            ran += 1
+    assert not_run == set(NOT_RUN), f"NOT_RUN lists commands the README no longer has: {set(NOT_RUN) - not_run}"
+    assert checked == set(CHECKS), f"checks for commands the README no longer has: {set(CHECKS) - checked}"
+    assert fired == set(range(len(SMALLER))), f"SMALLER rules that applied to nothing: " \
+                                               f"{[SMALLER[i] for i in set(range(len(SMALLER))) - fired]}"
+    assert all((work / name).exists() for name in DOWNLOADS)
+    assert (work / "demo" / "demo.json").is_file() and (work / "docs" / "results.md").is_file()
+    assert ran > 30
+
+
+def test_ci_runs_the_readme_test_command():
+    """The README's test command is what .ci/run runs."""
+    first = next(body for language, body, _ in fenced_blocks(README.read_text(encoding="utf-8")) if language == "bash")
+    assert "make test" in command_lines(first)[1]
+    assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def cli_reference() -> list[str]:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## CLI reference"):]
+    body = next(body for language, body, _ in fenced_blocks(section) if language == "")
+    lines, current = [], ""
+    for line in body.splitlines():
+        if line.startswith("retrieval "):
+            if current:
+                lines.append(current)
+            current = line.split("#")[0]
+        elif line.split("#")[0].strip():
+            current += " " + line.split("#")[0].strip()
+    return lines + [current]
+
+
+def test_cli_reference_names_real_commands_and_every_option():
+    """Each reference line names a real command and only its options, and every option of every command is in
+    the reference."""
+    import typer
+
+    from cli import app
+
+    def is_group(command) -> bool:
+        return hasattr(command, "commands")
+
+    def option_params(command) -> list:
+        return [p for p in command.params if p.param_type_name == "option"]
+
+    root = typer.main.get_command(app)
+    written: dict[str, set[str]] = {}
+    commands: dict[str, typer.core.TyperCommand] = {}
+    for line in cli_reference():
+        words, command, path = line.split()[1:], root, []
+        while is_group(command) and words and words[0] in command.commands:
+            path.append(words[0])
+            command = command.commands[words.pop(0)]
+        assert not is_group(command), line
+        options = {o for p in option_params(command) for o in (*p.opts, *p.secondary_opts)}
+        named = set(re.findall(r"(?<![\w-])(-{1,2}[a-z][\w-]*)", line))
+        assert named <= options, (line, named - options)
+        written.setdefault(" ".join(path), set()).update(named)
+        commands[" ".join(path)] = command
+
+    def leaves(group, prefix: str = "") -> set[str]:
+        return {name for key, c in group.commands.items()
+                for name in (leaves(c, f"{prefix}{key} ") if is_group(c) else {prefix + key})}
+
+    assert leaves(root) == set(written)
+    for path, command in commands.items():
+        left_out = [p.opts[0] for p in option_params(command) if not p.hidden
+                    and p.opts[0] != "--help" and not {*p.opts, *p.secondary_opts} & written[path]]
+        assert not left_out, (path, left_out)
