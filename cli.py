@@ -223,6 +223,9 @@ def train_(
     seed: int = typer.Option(0, "--seed"),
     repeat: list[str] = typer.Option([], "--repeat", help="NAME=K: take data set NAME's groups K times per epoch "
                                                           "(repeatable)."),
+    caption_share: float = typer.Option(0.0, "--caption-share",
+                                        help="Share of each batch given to image–caption pairs drawn apart from "
+                                             "the groups (default 0: whole groups only)."),
     vocab_size: int = typer.Option(1024, "--vocab-size", help="tokenizer: BPE vocabulary size."),
     for_model: str = typer.Option("fuselip-tiny", "--for", help="tokenizer: the registered model whose image "
                                                                 "tokenizer settings to train."),
@@ -248,7 +251,7 @@ def train_(
             raise RetrievalError(f"--repeat takes NAME=K with K ≥ 1, not {item!r}")
         repeats[name] = int(times)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
-                         seed=seed, repeats=repeats)
+                         seed=seed, repeats=repeats, caption_share=caption_share)
     summary = train_model(what, data, out, config, tokenizers=tokenizers, device=device)
     typer.echo(f"trained {what} for {summary['steps_done']} steps on {summary['pairs']} pairs "
                f"(final loss {summary['final_loss']:.4f}) → {out}")

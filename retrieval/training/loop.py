@@ -38,6 +38,11 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 100
     repeats: dict[str, int] = dataclasses.field(default_factory=dict)  # data set → times per epoch
+    caption_share: float = 0.0  # of each batch: image–caption pairs drawn apart from the groups
+
+    def __post_init__(self):
+        if not 0.0 <= self.caption_share < 1.0:
+            raise RetrievalError(f"--caption-share must be in [0, 1), not {self.caption_share}")
 
 
 class Objective(Protocol):
@@ -50,6 +55,10 @@ class Objective(Protocol):
     def after_step(self) -> None: ...
 
     def save(self, out: Path) -> None: ...
+
+
+def caption_slots(config: TrainConfig) -> int:
+    return round(config.batch_size * config.caption_share)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -79,7 +88,9 @@ def train(objective: Objective, pairs: list[Pair], config: TrainConfig, out: str
     start, history = resume(out, run, model, optimizer, device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                 else contextlib.nullcontext())
-    batches = batch_stream(groups_of(pairs, config.repeats), config.batch_size, config.seed, start)
+    captions = [i for i, p in enumerate(pairs) if p.task.endswith("/caption")]
+    batches = batch_stream(groups_of(pairs, config.repeats), config.batch_size, config.seed, start,
+                           captions=captions, caption_slots=caption_slots(config))
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress)
     t0 = time.time()
     for step in range(start, config.steps):

@@ -76,18 +76,36 @@ def grouped_batches(groups: list[list[int]], batch_size: int, seed: int, epoch: 
     return [flat[s:s + batch_size] for s in range(0, len(flat) - batch_size + 1, batch_size)]
 
 
-def batch_stream(groups: list[list[int]], batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
-    """Batches from step `start` on, epoch after epoch; the same steps for the same seed, so runs resume."""
-    if sum(len(g) for g in groups) < batch_size:
-        raise RetrievalError(f"fewer training pairs than one batch of {batch_size}")
+def batch_stream(groups: list[list[int]], batch_size: int, seed: int, start: int = 0,
+                 captions: list[int] | None = None, caption_slots: int = 0) -> Iterator[list[int]]:
+    """Batches from step `start` on, epoch after epoch; the same steps for the same seed, so runs resume.
+
+    With `caption_slots`, each batch is batch_size − caption_slots pairs of whole groups plus that many
+    image–caption pairs from `captions`, drawn in a seeded order of their own: a group holds one caption
+    among dozens of edits and questions, so otherwise a batch aligns images with only a handful of captions.
+    """
+    grouped_size = batch_size - caption_slots
+    if sum(len(g) for g in groups) < grouped_size:
+        raise RetrievalError(f"fewer training pairs than one batch of {grouped_size}")
+    if caption_slots and not captions:
+        raise RetrievalError("a caption share needs image–caption pairs in the training data")
     epoch, step = 0, 0
     while True:
-        batches = grouped_batches(groups, batch_size, seed, epoch)
-        for batch in batches:
+        for batch in grouped_batches(groups, grouped_size, seed, epoch):
             if step >= start:
-                yield batch
+                yield batch + caption_draw(captions or [], step, caption_slots, seed)
             step += 1
         epoch += 1
+
+
+def caption_draw(captions: list[int], step: int, slots: int, seed: int) -> list[int]:
+    """The caption pairs of step `step`: slots [step·slots, (step+1)·slots) of the captions in seeded rounds."""
+    rounds: dict[int, list[int]] = {}
+    for k in range(step * slots, (step + 1) * slots):
+        if k // len(captions) not in rounds:
+            rounds[k // len(captions)] = order = list(captions)
+            random.Random(seed * 1_000_003 + 7_919 * (k // len(captions)) + 1).shuffle(order)
+    return [rounds[k // len(captions)][k % len(captions)] for k in range(step * slots, (step + 1) * slots)]
 
 
 def positives_matrix(keys: list, columns: list) -> torch.Tensor:
