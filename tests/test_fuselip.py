@@ -533,3 +533,20 @@ def test_rerun_with_other_settings_is_refused(bpe, pair_images, tmp_path):
     train(objective, pairs, TrainConfig(steps=2, batch_size=4, warmup=1), tmp_path / "run", progress=False)
     with pytest.raises(RetrievalError, match="other settings"):
         train(objective, pairs, TrainConfig(steps=3, batch_size=4, warmup=1), tmp_path / "run", progress=False)
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(bpe, pair_images, tmp_path):
+    """A train.json without `caption_share` (written before the setting existed) is the default run, not another."""
+    from retrieval.training.loop import RUN_FILE, TrainConfig, train
+
+    pairs = make_pairs(pair_images)
+    objective = FuseLIPObjective(tiny_encoder(bpe, seed=3), pairs, progress=False)
+    train(objective, pairs, TrainConfig(steps=2, batch_size=4, warmup=1), tmp_path / "run", progress=False)
+    run = json.loads((tmp_path / "run" / RUN_FILE).read_text())
+    del run["config"]["caption_share"]
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps(run))
+    assert train(objective, pairs, TrainConfig(steps=2, batch_size=4, warmup=1), tmp_path / "run",
+                 progress=False)["steps_done"] == 2
+    with pytest.raises(RetrievalError, match="other settings"):
+        train(objective, pairs, TrainConfig(steps=2, batch_size=4, warmup=1, caption_share=0.25), tmp_path / "run",
+              progress=False)

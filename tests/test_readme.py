@@ -168,6 +168,8 @@ CHECKS: dict[str, Callable[[str, Path], None]] = {
 def run_command(line: str, cwd: Path, env: dict[str, str], fired: set[int]) -> subprocess.CompletedProcess:
     argv = shlex.split(line)
     if argv[0] == "retrieval":
+        operators = shlex.shlex(line, posix=True, punctuation_chars=True)  # `|`, `&&`, `>` … outside quotes
+        assert not any(set(token) <= set("();<>|&") for token in operators), f"shell syntax in: {line}"
         line = shlex.join(["retrieval", *smaller(argv[1:], fired)])
     return subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
@@ -197,6 +199,7 @@ def test_every_readme_command_runs_top_to_bottom(tmp_path):
                 else:
                     runs.append((line, line))
         else:
+            assert language == "", f"README.md line {line_no}: a ```{language} block is neither run nor checked"
             continue
         for line, source in runs:
             for name, write in DOWNLOADS.items():

@@ -134,7 +134,9 @@ def resume(out: Path, run: dict, model: torch.nn.Module, optimizer: torch.optim.
     if not path.is_file():
         return 0, []
     previous = read_json(out / RUN_FILE)
-    if previous.get("config") != run["config"] or previous.get("pairs") != run["pairs"]:
+    # a run saved before a setting existed ran with its default
+    settings = dataclasses.asdict(TrainConfig()) | previous.get("config", {})
+    if settings != run["config"] or previous.get("pairs") != run["pairs"]:
         raise RetrievalError(f"{out} holds a run with other settings or data; use a new --out to start afresh")
     state = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])

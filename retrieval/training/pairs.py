@@ -85,6 +85,8 @@ def batch_stream(groups: list[list[int]], batch_size: int, seed: int, start: int
     among dozens of edits and questions, so otherwise a batch aligns images with only a handful of captions.
     """
     grouped_size = batch_size - caption_slots
+    if grouped_size < 1:
+        raise RetrievalError(f"a caption share of {caption_slots} of {batch_size} pairs leaves no room for groups")
     if sum(len(g) for g in groups) < grouped_size:
         raise RetrievalError(f"fewer training pairs than one batch of {grouped_size}")
     if caption_slots and not captions:
