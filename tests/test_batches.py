@@ -10,7 +10,7 @@ import pytest
 
 from retrieval import RetrievalError
 from retrieval.training.loop import TrainConfig, caption_slots
-from retrieval.training.pairs import Pair, batch_stream, groups_of
+from retrieval.training.pairs import Pair, batch_stream, caption_pairs, groups_of
 
 
 def pairs_of(n_groups: int = 20, edits: int = 9) -> list[Pair]:
@@ -38,7 +38,7 @@ def test_without_a_share_batches_are_cut_from_whole_groups_in_order():
 
 def test_a_caption_share_adds_every_caption_equally_often():
     pairs = pairs_of()
-    groups, captions = groups_of(pairs), [i for i, p in enumerate(pairs) if p.task.endswith("/caption")]
+    groups, captions = groups_of(pairs), caption_pairs(pairs)
     slots = caption_slots(TrainConfig(batch_size=30, caption_share=0.2))
     assert slots == 6
     batches = take(batch_stream(groups, 30, seed=0, captions=captions, caption_slots=slots), 40)
@@ -53,7 +53,7 @@ def test_a_caption_share_adds_every_caption_equally_often():
 
 def test_caption_draws_depend_on_the_seed_and_resume_exactly():
     pairs = pairs_of()
-    groups, captions = groups_of(pairs), [i for i, p in enumerate(pairs) if p.task.endswith("/caption")]
+    groups, captions = groups_of(pairs), caption_pairs(pairs)
 
     def stream(seed: int, start: int = 0):
         return batch_stream(groups, 30, seed=seed, start=start, captions=captions, caption_slots=6)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from retrieval.errors import RetrievalError
 from retrieval.files import atomic_path, read_json, write_json
-from retrieval.training.pairs import Pair, batch_stream, groups_of
+from retrieval.training.pairs import Pair, batch_stream, caption_pairs, groups_of
 
 STATE_FILE = "train_state.pt"
 RUN_FILE = "train.json"
@@ -88,9 +88,8 @@ def train(objective: Objective, pairs: list[Pair], config: TrainConfig, out: str
     start, history = resume(out, run, model, optimizer, device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                 else contextlib.nullcontext())
-    captions = [i for i, p in enumerate(pairs) if p.task.endswith("/caption")]
     batches = batch_stream(groups_of(pairs, config.repeats), config.batch_size, config.seed, start,
-                           captions=captions, caption_slots=caption_slots(config))
+                           captions=caption_pairs(pairs), caption_slots=caption_slots(config))
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress)
     t0 = time.time()
     for step in range(start, config.steps):

@@ -76,6 +76,11 @@ def grouped_batches(groups: list[list[int]], batch_size: int, seed: int, epoch: 
     return [flat[s:s + batch_size] for s in range(0, len(flat) - batch_size + 1, batch_size)]
 
 
+def caption_pairs(pairs: list[Pair]) -> list[int]:
+    """Indices of the image–caption pairs (tasks named `caption`), the pool a caption share draws from."""
+    return [i for i, p in enumerate(pairs) if p.task.endswith("/caption")]
+
+
 def batch_stream(groups: list[list[int]], batch_size: int, seed: int, start: int = 0,
                  captions: list[int] | None = None, caption_slots: int = 0) -> Iterator[list[int]]:
     """Batches from step `start` on, epoch after epoch; the same steps for the same seed, so runs resume.
