@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from retrieval.encoders.fuselip import FuseLIPEncoder
+from retrieval.encoders.fuselip.model import in_row_order
 from retrieval.images import load_image
 from retrieval.training.losses import MAX_LOGIT_SCALE, mask_tokens, masked_token_loss, siglip_loss
 from retrieval.training.pairs import Pair, positives_matrix
@@ -69,10 +70,15 @@ class FuseLIPObjective:
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         model, embeddings, mmm = self.model, [], 0.0
         for ids, masked, where in batch["sides"].values():
-            hidden = model.hidden(masked)
-            embeddings.append(F.normalize(model.pool(hidden, masked).float(), dim=-1))
-            logits = model.mask_prediction_head(hidden[where], model.token_embedding.weight)
-            mmm = mmm + masked_token_loss(logits, ids[where])
+            rows, pooled, logits, targets = [], [], [], []
+            for group, chunk, hidden in model.hidden_by_length(masked):
+                picked = where[group, : chunk.shape[1]]  # only padding is cut off, and it is never masked
+                rows.append(group)
+                pooled.append(model.pool(hidden, chunk))
+                logits.append(model.mask_prediction_head(hidden[picked], model.token_embedding.weight))
+                targets.append(ids[group, : chunk.shape[1]][picked])
+            embeddings.append(F.normalize(in_row_order(rows, pooled).float(), dim=-1))
+            mmm = mmm + masked_token_loss(torch.cat(logits), torch.cat(targets))
         contrastive = siglip_loss(*embeddings, batch["positives"], model.logit_scale, model.logit_bias)
         loss = contrastive + self.mmm_weight * mmm
         return loss, {"siglip": contrastive.item(), "mmm": float(mmm.detach())}

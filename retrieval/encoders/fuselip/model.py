@@ -8,6 +8,7 @@ by `image_offset` (49409 in the released models: the CLIP BPE, then [MASK]).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,8 +119,18 @@ class FuseLIP(nn.Module):
         rows = torch.arange(len(ids), device=ids.device)
         return self.ln_final(hidden[rows, first_eot(ids, self.config.special_ids.eot)])
 
+    def hidden_by_length(self, ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(rows, their ids cut after their last non-padding id, their `hidden` states) for each length group
+        of `ids`: a short row need not pay for the padding of the batch's longest one. Padding is masked as a
+        key, so a row's states do not depend on its group."""
+        lengths = (ids != self.config.special_ids.pad).int().cumsum(1).argmax(1) + 1
+        for rows in length_groups(lengths):
+            chunk = ids[rows, : int(lengths[rows].max())]
+            yield rows, chunk, self.hidden(chunk)
+
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.hidden(ids), ids)
+        rows, pooled = zip(*((rows, self.pool(hidden, chunk)) for rows, chunk, hidden in self.hidden_by_length(ids)))
+        return in_row_order(rows, pooled)
 
     def forward(self, pixels: torch.Tensor, has_image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.embed_ids(self.sequence(self.image_codes(pixels, has_image), has_image, text))
@@ -127,3 +138,14 @@ class FuseLIP(nn.Module):
 
 def first_eot(ids: torch.Tensor, eot: int) -> torch.Tensor:
     return (ids == eot).int().argmax(1)
+
+
+def length_groups(lengths: torch.Tensor, multiple: int = 8) -> list[torch.Tensor]:
+    """Row indices grouped by length rounded up to a multiple of `multiple`, shortest group first."""
+    keys = (lengths + multiple - 1) // multiple
+    return [(keys == key).nonzero().squeeze(1) for key in keys.unique()]
+
+
+def in_row_order(rows: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The per-group `values` put back into the order of the rows they came from."""
+    return torch.cat(values)[torch.cat(rows).argsort()]
