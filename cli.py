@@ -206,6 +206,21 @@ def data_make(
         typer.echo(f"training pairs: {meta['train_pairs']} in {meta['train_groups']} groups ({out}/train/pairs.jsonl)")
 
 
+def parse_repeats(items: list[str]) -> dict[str, int]:
+    """`--repeat NAME=K` options as {NAME: K}."""
+    repeats = {}
+    for item in items:
+        name, _, times = item.partition("=")
+        if not times.isdigit() or int(times) < 1:
+            raise RetrievalError(f"--repeat takes NAME=K with K ≥ 1, not {item!r}")
+        repeats[name] = int(times)
+    return repeats
+
+
+REPEAT_HELP = "NAME=K: take data set NAME's groups K times per epoch (repeatable)."
+CAPTION_SHARE_HELP = "Share of each batch given to image–caption pairs drawn apart from the groups"
+
+
 @app.command("train")
 def train_(
     what: str = typer.Argument(..., help="`tokenizer`, a registered model (from scratch) or a checkpoint folder "
@@ -221,11 +236,9 @@ def train_(
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW decay on ≥2-D parameters."),
     warmup: int = typer.Option(100, "--warmup", help="Linear warm-up steps, then cosine to 0."),
     seed: int = typer.Option(0, "--seed"),
-    repeat: list[str] = typer.Option([], "--repeat", help="NAME=K: take data set NAME's groups K times per epoch "
-                                                          "(repeatable)."),
+    repeat: list[str] = typer.Option([], "--repeat", help=REPEAT_HELP),
     caption_share: float = typer.Option(0.0, "--caption-share",
-                                        help="Share of each batch given to image–caption pairs drawn apart from "
-                                             "the groups (default 0: whole groups only)."),
+                                        help=CAPTION_SHARE_HELP + " (default 0: whole groups only)."),
     vocab_size: int = typer.Option(1024, "--vocab-size", help="tokenizer: BPE vocabulary size."),
     for_model: str = typer.Option("fuselip-tiny", "--for", help="tokenizer: the registered model whose image "
                                                                 "tokenizer settings to train."),
@@ -244,14 +257,8 @@ def train_(
     from retrieval.training.loop import TrainConfig
     from retrieval.training.run import train_model
 
-    repeats = {}
-    for item in repeat:
-        name, _, times = item.partition("=")
-        if not times.isdigit() or int(times) < 1:
-            raise RetrievalError(f"--repeat takes NAME=K with K ≥ 1, not {item!r}")
-        repeats[name] = int(times)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
-                         seed=seed, repeats=repeats, caption_share=caption_share)
+                         seed=seed, repeats=parse_repeats(repeat), caption_share=caption_share)
     summary = train_model(what, data, out, config, tokenizers=tokenizers, device=device)
     typer.echo(f"trained {what} for {summary['steps_done']} steps on {summary['pairs']} pairs "
                f"(final loss {summary['final_loss']:.4f}) → {out}")
@@ -358,6 +365,26 @@ def bench_encode(
 
     report = encode.bench_encode(model, n=n, device=device, batch_size=batch_size, workers=workers, threads=threads)
     _print_bench(report, encode.report_lines(report), json_out)
+
+
+@bench_app.command("train")
+def bench_train(
+    data: list[Path] = typer.Option(..., "--data", help="Benchmark folder with training pairs (repeatable)."),
+    model: str = typer.Option("fuselip-tiny", "--model", help="Registered FuseLIP model (fresh) or checkpoint."),
+    steps: int = typer.Option(20, "--steps", help="Steps, each run both ways (the first 2 untimed)."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    caption_share: float = typer.Option(0.25, "--caption-share", help=CAPTION_SHARE_HELP + "."),
+    repeat: list[str] = typer.Option([], "--repeat", help=REPEAT_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    threads: int | None = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """FuseLIP's training step in length groups against one padded batch: s/step and their ratio."""
+    from evaluation.bench import train
+
+    report = train.bench_train(model, data, steps=steps, batch_size=batch_size, caption_share=caption_share,
+                               repeats=parse_repeats(repeat), device=device, threads=threads)
+    _print_bench(report, train.report_lines(report), json_out)
 
 
 @bench_app.command("index")

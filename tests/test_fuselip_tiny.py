@@ -46,7 +46,7 @@ def _search_top(index: Path, image: Path, text: str) -> str:
     return json.loads(out)[0]["id"]
 
 
-@pytest.mark.xfail(strict=True, reason="fuselip-tiny (27 min on 2 cores) ranks the unrotated source image first: "
+@pytest.mark.xfail(strict=True, reason="fuselip-tiny (28 min on 2 cores) ranks the unrotated source image first: "
                    "over 100 test scenes its composed query is nearer the 90° rotation than the source in only 30 % "
                    "(issue 4, left open)")
 def test_search_finds_the_rotated_image(shapes, tmp_path):
@@ -66,7 +66,7 @@ def test_search_finds_the_rotated_image(shapes, tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason="fuselip-tiny confuses 90° clockwise with counter-clockwise (tgit rotate "
-                   "top-1 0.44; clockwise nearer than counter-clockwise in 56 % of 100 test scenes; "
+                   "top-1 0.44; clockwise nearer than counter-clockwise in 61 % of 100 test scenes; "
                    "issue 4, left open)")
 def test_search_tells_the_rotation_apart(shapes, tmp_path):
     """The harder TGIT form: all 18 rotations (10°–90°, both ways) of five test images in one index."""

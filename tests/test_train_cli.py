@@ -42,3 +42,20 @@ def test_train_tokenizer_then_model_then_resume(tmp_path):
     bad = run_cli("train", "fuselip-tiny", "--data", data, "--out", tmp_path / "x", "--repeat", "nosuch=2",
                   check=False)
     assert bad.returncode == 2 and "nosuch" in bad.stderr
+
+
+def test_bench_train_times_both_ways_on_equal_losses(tmp_path):
+    """`bench train`: length groups and one padded batch give the same loss on every batch (padding is
+    masked), and the report's ratio is the ratio of its timings; a model of another family gets one error line."""
+    data = tmp_path / "shapes"
+    make_shapesworld(data, n=30, size=64, seed=2, train_pairs=True, progress=False)
+    run_cli("bench", "train", "--data", data, "--steps", "4", "--batch-size", "48", "--device", "cpu",
+            "--json", tmp_path / "bench.json")
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["model"] == "fuselip-tiny" and report["timed_steps"] == 2 and report["length_multiple"] == 8
+    seconds = report["seconds_per_step"]
+    assert seconds["padded"] > 0 and seconds["grouped"] > 0
+    assert report["speedup"] == seconds["padded"] / seconds["grouped"]
+    assert report["max_relative_loss_difference"] < 1e-4
+    other = run_cli("bench", "train", "--data", data, "--model", "sparc-tiny", "--steps", "4", check=False)
+    assert other.returncode == 2 and "FuseLIP" in other.stderr and "sparc" in other.stderr

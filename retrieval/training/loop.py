@@ -61,6 +61,11 @@ def caption_slots(config: TrainConfig) -> int:
     return round(config.batch_size * config.caption_share)
 
 
+def autocast_for(device: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; none on CPU, where it measured slower than float32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
+
 def learning_rate(step: int, config: TrainConfig) -> float:
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
@@ -86,8 +91,6 @@ def train(objective: Objective, pairs: list[Pair], config: TrainConfig, out: str
     optimizer = make_optimizer(model, config)
     run = {"config": dataclasses.asdict(config), "pairs": len(pairs)}
     start, history = resume(out, run, model, optimizer, device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
-                else contextlib.nullcontext())
     batches = batch_stream(groups_of(pairs, config.repeats), config.batch_size, config.seed, start,
                            captions=caption_pairs(pairs), caption_slots=caption_slots(config))
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress)
@@ -97,7 +100,7 @@ def train(objective: Objective, pairs: list[Pair], config: TrainConfig, out: str
         batch = objective.batch([pairs[i] for i in next(batches)], generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        with autocast:
+        with autocast_for(device):
             loss, logs = objective.loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -54,6 +54,18 @@ def fresh_encoder(name: str, tokenizers: str | os.PathLike | None) -> Encoder:
     return family_class(config.family)(replace(config, checkpoint=None), model, tokenizer=text)
 
 
+def encoder_to_train(model: str, tokenizers: str | os.PathLike | None = None) -> Encoder:
+    """A registered model, fresh (with `tokenizers`, default the bundled ones), or a checkpoint folder to fine-tune."""
+    if (Path(model) / "config.json").is_file():
+        if tokenizers:
+            raise RetrievalError("--tokenizers is for training a registered model from scratch; a checkpoint "
+                                 "folder brings its own")
+        return load_encoder(model, device="cpu")
+    if model in list_configs():
+        return fresh_encoder(model, tokenizers)
+    raise RetrievalError(f"{model!r} is neither a registered model nor a checkpoint folder")
+
+
 def train_model(model: str, data: list[str | os.PathLike], out: str | os.PathLike, config: TrainConfig,
                 tokenizers: str | os.PathLike | None = None, device: str = "auto",
                 progress: bool = True) -> dict[str, Any]:
@@ -62,15 +74,6 @@ def train_model(model: str, data: list[str | os.PathLike], out: str | os.PathLik
 
     device = resolve_device(device)
     pairs = read_pairs(data)
-    if (Path(model) / "config.json").is_file():
-        if tokenizers:
-            raise RetrievalError("--tokenizers is for training a registered model from scratch; a checkpoint "
-                                 "folder brings its own")
-        encoder = load_encoder(model, device="cpu")
-    elif model in list_configs():
-        encoder = fresh_encoder(model, tokenizers)
-    else:
-        raise RetrievalError(f"{model!r} is neither a registered model nor a checkpoint folder")
-    objective = objective_for(encoder, pairs, device, progress)
+    objective = objective_for(encoder_to_train(model, tokenizers), pairs, device, progress)
     torch.manual_seed(config.seed)
     return train(objective, pairs, config, out, device=device, progress=progress)

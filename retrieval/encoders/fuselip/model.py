@@ -81,6 +81,8 @@ class FuseLIP(nn.Module):
         self.mask_prediction_head = MaskPredictionHead(w, config.vocab_size) if config.mask_head else None
         self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
         self.logit_bias = nn.Parameter(torch.tensor(config.init_logit_bias))
+        # rows run in groups of equal length rounded up to this; the context length or more: one padded batch
+        self.length_multiple = 8
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
@@ -124,7 +126,7 @@ class FuseLIP(nn.Module):
         of `ids`: a short row need not pay for the padding of the batch's longest one. Padding is masked as a
         key, so a row's states do not depend on its group."""
         lengths = (ids != self.config.special_ids.pad).int().cumsum(1).argmax(1) + 1
-        for rows in length_groups(lengths):
+        for rows in length_groups(lengths, self.length_multiple):
             chunk = ids[rows, : int(lengths[rows].max())]
             yield rows, chunk, self.hidden(chunk)
 
@@ -140,7 +142,7 @@ def first_eot(ids: torch.Tensor, eot: int) -> torch.Tensor:
     return (ids == eot).int().argmax(1)
 
 
-def length_groups(lengths: torch.Tensor, multiple: int = 8) -> list[torch.Tensor]:
+def length_groups(lengths: torch.Tensor, multiple: int) -> list[torch.Tensor]:
     """Row indices grouped by length rounded up to a multiple of `multiple`, shortest group first."""
     keys = (lengths + multiple - 1) // multiple
     return [(keys == key).nonzero().squeeze(1) for key in keys.unique()]
