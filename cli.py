@@ -375,6 +375,7 @@ def bench_train(
     batch_size: int = typer.Option(128, "--batch-size"),
     caption_share: float = typer.Option(0.25, "--caption-share", help=CAPTION_SHARE_HELP + "."),
     repeat: list[str] = typer.Option([], "--repeat", help=REPEAT_HELP),
+    seed: int = typer.Option(0, "--seed", help="The training seed whose batches and masking to use."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: int | None = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
@@ -383,7 +384,7 @@ def bench_train(
     from evaluation.bench import train
 
     report = train.bench_train(model, data, steps=steps, batch_size=batch_size, caption_share=caption_share,
-                               repeats=parse_repeats(repeat), device=device, threads=threads)
+                               repeats=parse_repeats(repeat), seed=seed, device=device, threads=threads)
     _print_bench(report, train.report_lines(report), json_out)
 
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from retrieval import RetrievalError
 from retrieval.encoders.base import EncoderConfig
 from retrieval.encoders.fuselip import FuseLIPEncoder
-from retrieval.encoders.fuselip.model import FuseLIP
+from retrieval.encoders.fuselip.model import FuseLIP, length_groups, row_lengths
 from retrieval.encoders.registry import load_encoder
 from retrieval.text_tokenizer import OWN_IDS, TextTokenizer, train_bpe
 from retrieval.training.fuselip import FuseLIPObjective
@@ -155,6 +155,21 @@ def test_batch_of_different_lengths_equals_rows_alone(enc):
     alone = torch.cat([embed_rows(model, [r]) for r in rows])
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=0)
     assert len({tuple(v.round(decimals=4).tolist()) for v in alone}) == len(rows)
+
+
+def test_length_groups_split_rows_by_rounded_length(enc):
+    """Rows group by 1 + their last non-padding position rounded up to the multiple (a pad inside a row
+    keeps it long); a multiple no row reaches gives one group; no rows embed to no vectors."""
+    pad, sot, eot = OWN_IDS.pad, OWN_IDS.sot, OWN_IDS.eot
+    ids = torch.full((5, 20), pad)
+    for i, row in enumerate([[sot, eot], [sot] + [7] * 7 + [eot], [sot] + [7] * 16 + [eot],
+                             [sot, pad, eot], [sot] + [7] * 15 + [pad, eot]]):
+        ids[i, :len(row)] = torch.tensor(row)
+    lengths = row_lengths(ids, pad)
+    assert lengths.tolist() == [2, 9, 18, 3, 18]
+    assert [g.tolist() for g in length_groups(lengths, 8)] == [[0, 3], [1], [2, 4]]
+    assert [g.tolist() for g in length_groups(lengths, 1 << 30)] == [[0, 1, 2, 3, 4]]
+    assert enc.model.embed_ids(ids[:0]).shape == (0, enc.model.config.width)
 
 
 def test_attention_is_bidirectional(enc):

@@ -53,9 +53,8 @@ def test_bench_train_times_both_ways_on_equal_losses(tmp_path):
             "--json", tmp_path / "bench.json")
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["model"] == "fuselip-tiny" and report["timed_steps"] == 2 and report["length_multiple"] == 8
-    seconds = report["seconds_per_step"]
-    assert seconds["padded"] > 0 and seconds["grouped"] > 0
-    assert report["speedup"] == seconds["padded"] / seconds["grouped"]
+    assert report["seconds_per_step"]["padded"] > 0 and report["seconds_per_step"]["grouped"] > 0
+    assert report["mean_groups_per_side"] > 1  # the grouped pass really ran in groups
     assert report["max_relative_loss_difference"] < 1e-4
     other = run_cli("bench", "train", "--data", data, "--model", "sparc-tiny", "--steps", "4", check=False)
     assert other.returncode == 2 and "FuseLIP" in other.stderr and "sparc" in other.stderr

@@ -1,8 +1,9 @@
 """`retrieval bench train`: FuseLIP's training step with rows run in length groups against one padded batch.
 
 Both variants take forward and backward on the same batches of the training stream (the loop's grouping,
-caption share, masking and autocast), alternating which goes first, with the weights held fixed. Padding
-is masked, so the two losses must agree on every batch. The first `WARMUP_STEPS` are not timed.
+caption share, masking and autocast, for the same seed), alternating which goes first, with the weights
+held fixed. Padding is masked, so the two losses must agree on every batch. The first `WARMUP_STEPS` are
+not timed.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 20, batc
     import torch
     from tqdm import tqdm
 
-    from retrieval.devices import resolve_device
+    from retrieval.devices import autocast_for, resolve_device
+    from retrieval.encoders.fuselip.model import length_groups, row_lengths
     from retrieval.errors import RetrievalError
-    from retrieval.training.loop import TrainConfig, autocast_for, caption_slots
+    from retrieval.training.loop import TrainConfig, caption_slots, step_generator
     from retrieval.training.pairs import batch_stream, caption_pairs, groups_of, read_pairs
     from retrieval.training.run import encoder_to_train, objective_for
 
@@ -40,21 +42,24 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 20, batc
     device = resolve_device(device)
     pairs = read_pairs(data)
     objective = objective_for(encoder, pairs, device, progress)
-    net = objective.model.to(device).train()
-    grouped_multiple = net.length_multiple
+    objective.model.to(device).train()
+    grouped_multiple = objective.length_multiple
+    pad = objective.model.config.special_ids.pad
     batches = batch_stream(groups_of(pairs, config.repeats), batch_size, seed, captions=caption_pairs(pairs),
                            caption_slots=caption_slots(config))
     seconds: dict[str, list[float]] = {"padded": [], "grouped": []}
-    worst = 0.0
+    groups, worst = [], 0.0
     with thread_count(threads):
-        threads = torch.get_num_threads()
+        torch_threads = torch.get_num_threads()
         _ = objective.codes  # tokenise the training images before timing
         for step in tqdm(range(steps), desc="bench train", unit="step", disable=not progress):
-            batch = objective.batch([pairs[i] for i in next(batches)], torch.Generator().manual_seed(step))
+            batch = objective.batch([pairs[i] for i in next(batches)], step_generator(seed, step))
+            groups += [len(length_groups(row_lengths(ids, pad), grouped_multiple))
+                       for ids, _, _ in batch["sides"].values()]
             losses = {}
             for name in ("padded", "grouped") if step % 2 else ("grouped", "padded"):
-                net.length_multiple = ONE_BATCH if name == "padded" else grouped_multiple
-                net.zero_grad(set_to_none=True)
+                objective.length_multiple = ONE_BATCH if name == "padded" else grouped_multiple
+                objective.model.zero_grad(set_to_none=True)
                 with timed() as t:
                     with autocast_for(device):
                         loss, _ = objective.loss(batch)
@@ -65,19 +70,20 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 20, batc
                 if step >= WARMUP_STEPS:
                     seconds[name].append(t["seconds"])
             worst = max(worst, abs(losses["grouped"] - losses["padded"]) / abs(losses["padded"]))
-    net.length_multiple = grouped_multiple
     median = {name: statistics.median(values) for name, values in seconds.items()}
     return {
         "benchmark": "train",
         "model": encoder.name,
         "device": device,
-        "torch_threads": threads,
+        "torch_threads": torch_threads,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "batch_size": batch_size,
         "caption_share": caption_share,
+        "seed": seed,
         "timed_steps": steps - WARMUP_STEPS,
         "length_multiple": grouped_multiple,
+        "mean_groups_per_side": statistics.mean(groups),
         "seconds_per_step": median,
         "speedup": median["padded"] / median["grouped"],
         "max_relative_loss_difference": worst,
@@ -89,13 +95,14 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     median = report["seconds_per_step"]
     return [
         f"train bench: {report['model']} on {report['device']}, batch {report['batch_size']} (caption share "
-        f"{report['caption_share']}), {report['timed_steps']} timed steps, {report['torch_threads']} torch threads, "
-        f"{report['cpu_count']} CPUs; forward + backward, median seconds per step", "",
+        f"{report['caption_share']}, seed {report['seed']}), {report['timed_steps']} timed steps, "
+        f"{report['torch_threads']} torch threads, {report['cpu_count']} CPUs; forward + backward, median "
+        "seconds per step", "",
         format_table([
             ["", "s/step", "vs padded"],
             ["one padded batch", f"{median['padded']:.3f}", "1.00"],
-            [f"length groups (multiple {report['length_multiple']})", f"{median['grouped']:.3f}",
-             f"{report['speedup']:.2f}"],
+            [f"length groups (multiple {report['length_multiple']}, {report['mean_groups_per_side']:.1f} per side)",
+             f"{median['grouped']:.3f}", f"{report['speedup']:.2f}"],
         ]),
         "", f"largest relative loss difference between the two: {report['max_relative_loss_difference']:.1e}",
     ]

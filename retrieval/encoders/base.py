@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from retrieval.devices import autocast_for
 from retrieval.errors import RetrievalError
 from retrieval.files import atomic_path, write_json
 from retrieval.images import load_image
@@ -109,9 +109,7 @@ class Encoder:
                            ) -> tuple[torch.Tensor, dict[str, list]]:
         """`embed`, plus the `extra_columns` values of each item when `columns`."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda")
-                    else contextlib.nullcontext())
-        with autocast:
+        with autocast_for(self.device):
             out, extra = self.forward_columns(batch) if columns else (self.forward(batch), {})
         return F.normalize(out.float(), dim=-1).cpu(), extra
 

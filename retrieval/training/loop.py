@@ -7,7 +7,6 @@ Batches and masking are drawn from (seed, step), so a resumed run takes exactly 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -19,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from retrieval.devices import autocast_for
 from retrieval.errors import RetrievalError
 from retrieval.files import atomic_path, read_json, write_json
 from retrieval.training.pairs import Pair, batch_stream, caption_pairs, groups_of
@@ -61,9 +61,9 @@ def caption_slots(config: TrainConfig) -> int:
     return round(config.batch_size * config.caption_share)
 
 
-def autocast_for(device: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; none on CPU, where it measured slower than float32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of step `step`'s random draws (masking), so a resumed run draws what it would have."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -96,7 +96,7 @@ def train(objective: Objective, pairs: list[Pair], config: TrainConfig, out: str
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress)
     t0 = time.time()
     for step in range(start, config.steps):
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        generator = step_generator(config.seed, step)
         batch = objective.batch([pairs[i] for i in next(batches)], generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)

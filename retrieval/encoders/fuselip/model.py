@@ -21,6 +21,8 @@ from retrieval.encoders.fuselip.vq import ConvVQConfig, ConvVQTokenizer
 from retrieval.encoders.layers import Transformer
 from retrieval.text_tokenizer import SpecialIds
 
+LENGTH_MULTIPLE = 8  # rows of a batch run in groups of equal length rounded up to this
+
 
 @dataclass
 class FuseLIPConfig:
@@ -81,8 +83,6 @@ class FuseLIP(nn.Module):
         self.mask_prediction_head = MaskPredictionHead(w, config.vocab_size) if config.mask_head else None
         self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
         self.logit_bias = nn.Parameter(torch.tensor(config.init_logit_bias))
-        # rows run in groups of equal length rounded up to this; the context length or more: one padded batch
-        self.length_multiple = 8
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
@@ -121,18 +121,22 @@ class FuseLIP(nn.Module):
         rows = torch.arange(len(ids), device=ids.device)
         return self.ln_final(hidden[rows, first_eot(ids, self.config.special_ids.eot)])
 
-    def hidden_by_length(self, ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(rows, their ids cut after their last non-padding id, their `hidden` states) for each length group
-        of `ids`: a short row need not pay for the padding of the batch's longest one. Padding is masked as a
-        key, so a row's states do not depend on its group."""
-        lengths = (ids != self.config.special_ids.pad).int().cumsum(1).argmax(1) + 1
-        for rows in length_groups(lengths, self.length_multiple):
+    def hidden_by_length(self, ids: torch.Tensor, multiple: int = LENGTH_MULTIPLE
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(rows, their ids cut after their last non-padding id, their `hidden` states) for each group of rows
+        of equal length rounded up to `multiple`: a short row need not pay for the padding of the batch's
+        longest one. Padding is masked as a key, so a row's states do not depend on its group."""
+        lengths = row_lengths(ids, self.config.special_ids.pad)
+        for rows in length_groups(lengths, multiple):
             chunk = ids[rows, : int(lengths[rows].max())]
             yield rows, chunk, self.hidden(chunk)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        rows, pooled = zip(*((rows, self.pool(hidden, chunk)) for rows, chunk, hidden in self.hidden_by_length(ids)))
-        return in_row_order(rows, pooled)
+        rows, pooled = [], []
+        for group, chunk, hidden in self.hidden_by_length(ids):
+            rows.append(group)
+            pooled.append(self.pool(hidden, chunk))
+        return in_row_order(rows, pooled) if rows else ids.new_zeros(0, self.config.width, dtype=torch.float)
 
     def forward(self, pixels: torch.Tensor, has_image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.embed_ids(self.sequence(self.image_codes(pixels, has_image), has_image, text))
@@ -142,12 +146,17 @@ def first_eot(ids: torch.Tensor, eot: int) -> torch.Tensor:
     return (ids == eot).int().argmax(1)
 
 
+def row_lengths(ids: torch.Tensor, pad: int) -> torch.Tensor:
+    """1 + the position of each row's last non-padding id."""
+    return (ids != pad).int().cumsum(1).argmax(1) + 1
+
+
 def length_groups(lengths: torch.Tensor, multiple: int) -> list[torch.Tensor]:
     """Row indices grouped by length rounded up to a multiple of `multiple`, shortest group first."""
     keys = (lengths + multiple - 1) // multiple
     return [(keys == key).nonzero().squeeze(1) for key in keys.unique()]
 
 
-def in_row_order(rows: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def in_row_order(rows: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
     """The per-group `values` put back into the order of the rows they came from."""
     return torch.cat(values)[torch.cat(rows).argsort()]
