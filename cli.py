@@ -217,6 +217,7 @@ def parse_repeats(items: list[str]) -> dict[str, int]:
     return repeats
 
 
+TRAINING_DATA_HELP = "Benchmark folder with training pairs (repeatable)."
 REPEAT_HELP = "NAME=K: take data set NAME's groups K times per epoch (repeatable)."
 CAPTION_SHARE_HELP = "Share of each batch given to image–caption pairs drawn apart from the groups"
 
@@ -225,7 +226,7 @@ CAPTION_SHARE_HELP = "Share of each batch given to image–caption pairs drawn a
 def train_(
     what: str = typer.Argument(..., help="`tokenizer`, a registered model (from scratch) or a checkpoint folder "
                                          "(fine-tune)."),
-    data: list[Path] = typer.Option(..., "--data", help="Benchmark folder with training pairs (repeatable)."),
+    data: list[Path] = typer.Option(..., "--data", help=TRAINING_DATA_HELP),
     out: Path = typer.Option(..., "--out", help="Output folder (rerun to resume)."),
     tokenizers: Path | None = typer.Option(None, "--tokenizers",
                                            help="`train tokenizer` output for a model from scratch "
@@ -369,7 +370,7 @@ def bench_encode(
 
 @bench_app.command("train")
 def bench_train(
-    data: list[Path] = typer.Option(..., "--data", help="Benchmark folder with training pairs (repeatable)."),
+    data: list[Path] = typer.Option(..., "--data", help=TRAINING_DATA_HELP),
     model: str = typer.Option("fuselip-tiny", "--model", help="Registered FuseLIP model (fresh) or checkpoint."),
     steps: int = typer.Option(20, "--steps", help="Steps, each run both ways (the first 2 untimed)."),
     batch_size: int = typer.Option(128, "--batch-size"),

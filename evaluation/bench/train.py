@@ -29,8 +29,8 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 20, batc
     from retrieval.devices import autocast_for, resolve_device
     from retrieval.encoders.fuselip.model import length_groups, row_lengths
     from retrieval.errors import RetrievalError
-    from retrieval.training.loop import TrainConfig, caption_slots, step_generator
-    from retrieval.training.pairs import batch_stream, caption_pairs, groups_of, read_pairs
+    from retrieval.training.loop import TrainConfig, training_batches
+    from retrieval.training.pairs import read_pairs
     from retrieval.training.run import encoder_to_train, objective_for
 
     if steps <= WARMUP_STEPS:
@@ -45,15 +45,14 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 20, batc
     objective.model.to(device).train()
     grouped_multiple = objective.length_multiple
     pad = objective.model.config.special_ids.pad
-    batches = batch_stream(groups_of(pairs, config.repeats), batch_size, seed, captions=caption_pairs(pairs),
-                           caption_slots=caption_slots(config))
+    batches = training_batches(objective, pairs, config)
     seconds: dict[str, list[float]] = {"padded": [], "grouped": []}
     groups, worst = [], 0.0
     with thread_count(threads):
         torch_threads = torch.get_num_threads()
         _ = objective.codes  # tokenise the training images before timing
         for step in tqdm(range(steps), desc="bench train", unit="step", disable=not progress):
-            batch = objective.batch([pairs[i] for i in next(batches)], step_generator(seed, step))
+            batch = next(batches)
             groups += [len(length_groups(row_lengths(ids, pad), grouped_multiple))
                        for ids, _, _ in batch["sides"].values()]
             losses = {}

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,9 +62,15 @@ def caption_slots(config: TrainConfig) -> int:
     return round(config.batch_size * config.caption_share)
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of step `step`'s random draws (masking), so a resumed run draws what it would have."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def training_batches(objective: Objective, pairs: list[Pair], config: TrainConfig, start: int = 0
+                     ) -> Iterator[dict[str, Any]]:
+    """The objective's batches from step `start` on: the pairs and the masking both drawn from (seed, step),
+    so a resumed run takes exactly the steps it would have."""
+    stream = batch_stream(groups_of(pairs, config.repeats), config.batch_size, config.seed, start,
+                          captions=caption_pairs(pairs), caption_slots=caption_slots(config))
+    for step, indices in enumerate(stream, start):
+        masking = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        yield objective.batch([pairs[i] for i in indices], masking)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -91,13 +98,11 @@ def train(objective: Objective, pairs: list[Pair], config: TrainConfig, out: str
     optimizer = make_optimizer(model, config)
     run = {"config": dataclasses.asdict(config), "pairs": len(pairs)}
     start, history = resume(out, run, model, optimizer, device)
-    batches = batch_stream(groups_of(pairs, config.repeats), config.batch_size, config.seed, start,
-                           captions=caption_pairs(pairs), caption_slots=caption_slots(config))
+    batches = training_batches(objective, pairs, config, start)
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress)
     t0 = time.time()
     for step in range(start, config.steps):
-        generator = step_generator(config.seed, step)
-        batch = objective.batch([pairs[i] for i in next(batches)], generator)
+        batch = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         with autocast_for(device):
