@@ -172,6 +172,24 @@ def test_length_groups_split_rows_by_rounded_length(enc):
     assert enc.model.embed_ids(ids[:0]).shape == (0, enc.model.config.width)
 
 
+def test_group_runs_cut_to_the_rounded_length_and_row_repeats_change_nothing(enc):
+    """Each group runs cut to its length rounded up to the multiple (never past the batch); repeating a group's
+    first row up to a row multiple, as training does, leaves every row's states as they were."""
+    pad, sot, eot = OWN_IDS.pad, OWN_IDS.sot, OWN_IDS.eot
+    ids = torch.full((7, 19), pad)
+    for i, n in enumerate([2, 5, 9, 3, 18, 17, 11]):
+        ids[i, :n] = torch.tensor([sot] + [7 + i] * (n - 2) + [eot])
+    with torch.no_grad():
+        plain = list(enc.model.hidden_by_length(ids))
+        padded = list(enc.model.hidden_by_length(ids, row_multiple=4))
+    assert [(g.tolist(), c.shape[1]) for g, c, _ in plain] == [([0, 1, 3], 8), ([2, 6], 16), ([4, 5], 19)]
+    for (group, chunk, hidden), (_, _, hidden_padded) in zip(plain, padded):
+        assert hidden.shape == hidden_padded.shape == (len(group), chunk.shape[1], enc.model.config.width)
+        torch.testing.assert_close(hidden_padded, hidden, atol=1e-5, rtol=1e-5)
+        alone = enc.model.hidden(ids[group[-1:], : chunk.shape[1]])
+        torch.testing.assert_close(hidden[-1:], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_is_bidirectional(enc):
     """No causal mask (§6.6): a later id changes the state of the first position."""
     model, sot, eot = enc.model, OWN_IDS.sot, OWN_IDS.eot

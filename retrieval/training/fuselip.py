@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from retrieval.encoders.fuselip import FuseLIPEncoder
-from retrieval.encoders.fuselip.model import LENGTH_MULTIPLE, in_row_order
+from retrieval.encoders.fuselip.model import LENGTH_MULTIPLE, ROW_MULTIPLE, in_row_order
 from retrieval.images import load_image
 from retrieval.training.losses import MAX_LOGIT_SCALE, mask_tokens, masked_token_loss, siglip_loss
 from retrieval.training.pairs import Pair, positives_matrix
@@ -36,6 +36,7 @@ class FuseLIPObjective:
         ids = self.model.config.special_ids
         self.never_masked = [ids.eot, ids.pad] + ([ids.mask] if ids.mask is not None else [])
         self.length_multiple = LENGTH_MULTIPLE  # `bench train` sets one no row reaches: one padded batch
+        self.row_multiple = ROW_MULTIPLE
 
     @property
     def codes(self) -> torch.Tensor:
@@ -72,7 +73,7 @@ class FuseLIPObjective:
         model, embeddings, mmm = self.model, [], 0.0
         for ids, masked, where in batch["sides"].values():
             rows, pooled, logits, targets = [], [], [], []
-            for group, chunk, hidden in model.hidden_by_length(masked, self.length_multiple):
+            for group, chunk, hidden in model.hidden_by_length(masked, self.length_multiple, self.row_multiple):
                 picked = where[group, : chunk.shape[1]]  # only padding is cut off, and it is never masked
                 rows.append(group)
                 pooled.append(model.pool(hidden, chunk))

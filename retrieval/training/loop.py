@@ -1,5 +1,5 @@
 """The one training loop: AdamW (no decay on 1-D parameters), warm-up then cosine, gradient clipping,
-autocast on CUDA, a progress bar with the loss, and a state file that a rerun resumes from.
+bf16 autocast (on CUDA by default), a progress bar with the loss, and a state file that a rerun resumes from.
 
 A family plugs in an `Objective`: it turns a list of pairs into a batch and a batch into a loss.
 Batches and masking are drawn from (seed, step), so a resumed run takes exactly the steps it would have.
@@ -26,6 +26,7 @@ from retrieval.training.pairs import Pair, batch_stream, caption_pairs, groups_o
 
 STATE_FILE = "train_state.pt"
 RUN_FILE = "train.json"
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -40,10 +41,18 @@ class TrainConfig:
     save_every: int = 100
     repeats: dict[str, int] = dataclasses.field(default_factory=dict)  # data set → times per epoch
     caption_share: float = 0.0  # of each batch: image–caption pairs drawn apart from the groups
+    precision: str = "auto"  # of the forward pass: "auto" (bf16 autocast on CUDA), "bf16" or "fp32"
 
     def __post_init__(self):
         if not 0.0 <= self.caption_share < 1.0:
             raise RetrievalError(f"--caption-share must be in [0, 1), not {self.caption_share}")
+        if self.precision not in PRECISIONS:
+            raise RetrievalError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+
+    @property
+    def bf16(self) -> bool | None:
+        """The `autocast_for` choice: None leaves it to the device (bf16 on CUDA)."""
+        return None if self.precision == "auto" else self.precision == "bf16"
 
 
 class Objective(Protocol):
@@ -105,7 +114,7 @@ def train(objective: Objective, pairs: list[Pair], config: TrainConfig, out: str
         batch = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        with autocast_for(device):
+        with autocast_for(device, config.bf16):
             loss, logs = objective.loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
