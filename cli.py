@@ -376,7 +376,7 @@ def bench_encode(
 def bench_train(
     data: list[Path] = typer.Option(..., "--data", help=TRAINING_DATA_HELP),
     model: str = typer.Option("fuselip-tiny", "--model", help="Registered FuseLIP model (fresh) or checkpoint."),
-    steps: int = typer.Option(40, "--steps", help="Steps, each run all three ways (the first 5 untimed)."),
+    steps: int = typer.Option(40, "--steps", help="Steps, each run all three ways (the first few untimed)."),
     batch_size: int = typer.Option(128, "--batch-size"),
     caption_share: float = typer.Option(0.25, "--caption-share", help=CAPTION_SHARE_HELP + "."),
     repeat: list[str] = typer.Option([], "--repeat", help=REPEAT_HELP),

@@ -29,4 +29,3 @@ def autocast_for(device: str, bf16: bool | None = None) -> contextlib.AbstractCo
     if bf16 is None:
         bf16 = device.startswith("cuda")
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-

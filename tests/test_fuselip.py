@@ -172,9 +172,10 @@ def test_length_groups_split_rows_by_rounded_length(enc):
     assert enc.model.embed_ids(ids[:0]).shape == (0, enc.model.config.width)
 
 
-def test_group_runs_cut_to_the_rounded_length_and_row_repeats_change_nothing(enc):
-    """Each group runs cut to its length rounded up to the multiple (never past the batch); repeating a group's
-    first row up to a row multiple, as training does, leaves every row's states as they were."""
+def test_training_group_runs_cut_to_the_rounded_length_and_row_repeats_change_nothing(enc):
+    """Encoding runs each group cut to its longest row; training (`row_multiple` > 1) cuts it to the rounded
+    length (never past the batch) and repeats its first row up to the row multiple: every row's states stay
+    as they were, and as the row's alone."""
     pad, sot, eot = OWN_IDS.pad, OWN_IDS.sot, OWN_IDS.eot
     ids = torch.full((7, 19), pad)
     for i, n in enumerate([2, 5, 9, 3, 18, 17, 11]):
@@ -182,12 +183,53 @@ def test_group_runs_cut_to_the_rounded_length_and_row_repeats_change_nothing(enc
     with torch.no_grad():
         plain = list(enc.model.hidden_by_length(ids))
         padded = list(enc.model.hidden_by_length(ids, row_multiple=4))
-    assert [(g.tolist(), c.shape[1]) for g, c, _ in plain] == [([0, 1, 3], 8), ([2, 6], 16), ([4, 5], 19)]
-    for (group, chunk, hidden), (_, _, hidden_padded) in zip(plain, padded):
-        assert hidden.shape == hidden_padded.shape == (len(group), chunk.shape[1], enc.model.config.width)
-        torch.testing.assert_close(hidden_padded, hidden, atol=1e-5, rtol=1e-5)
-        alone = enc.model.hidden(ids[group[-1:], : chunk.shape[1]])
+    assert [(g.tolist(), c.shape[1]) for g, c, _ in plain] == [([0, 1, 3], 5), ([2, 6], 11), ([4, 5], 18)]
+    assert [(g.tolist(), c.shape[1]) for g, c, _ in padded] == [([0, 1, 3], 8), ([2, 6], 16), ([4, 5], 19)]
+    for (group, chunk, hidden), (_, chunk_padded, hidden_padded) in zip(plain, padded):
+        width = chunk.shape[1]
+        assert hidden.shape == (len(group), width, enc.model.config.width)
+        assert hidden_padded.shape == (len(group), chunk_padded.shape[1], enc.model.config.width)
+        torch.testing.assert_close(hidden_padded[:, :width], hidden, atol=1e-5, rtol=1e-5)
+        alone = enc.model.hidden(ids[group[-1:], :width])
         torch.testing.assert_close(hidden[-1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_autocast_keeps_attention_and_siglip_in_float32(enc, monkeypatch):
+    """Under bf16 autocast on the CPU the projections run in bf16, but attention (whose bf16 CPU kernel is slow)
+    and the SigLIP logits (near the bias, bf16 would merge hard negatives) stay float32; the states stay close."""
+    from retrieval.devices import autocast_for
+
+    seen, attention = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        return attention(q, k, v, **kwargs)
+
+    ids = torch.full((3, 12), OWN_IDS.pad)
+    for i, n in enumerate([4, 12, 7]):
+        ids[i, :n] = torch.tensor([OWN_IDS.sot] + [9 + i] * (n - 2) + [OWN_IDS.eot])
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        exact = enc.model.hidden(ids)
+        with autocast_for("cpu", True):
+            projected = enc.model.transformer.resblocks[0].attn.out_proj(exact)
+            rounded = enc.model.hidden(ids)
+            pooled = torch.nn.functional.normalize(enc.model.pool(rounded, ids).float(), dim=-1)
+            loss = siglip_loss(pooled, pooled, torch.eye(3, dtype=torch.bool), enc.model.logit_scale,
+                               enc.model.logit_bias)
+    assert projected.dtype == torch.bfloat16  # autocast is really on
+    assert len(seen) == 2 * enc.model.config.layers and set(seen) == {torch.float32}
+    assert loss.dtype == torch.float32
+    keep = ids != OWN_IDS.pad
+    torch.testing.assert_close(rounded.float()[keep], exact[keep], atol=0.1, rtol=0.05)
+
+
+def test_unknown_precision_is_refused():
+    from retrieval.training.loop import TrainConfig
+
+    assert TrainConfig(precision="bf16").bf16 and TrainConfig(precision="auto").bf16 is None
+    with pytest.raises(RetrievalError, match="--precision must be one of auto, bf16, fp32"):
+        TrainConfig(precision="fp16")
 
 
 def test_attention_is_bidirectional(enc):
@@ -472,7 +514,10 @@ def test_objective_loss_uses_the_masked_pass(bpe, pair_images):
     assert loss.item() == pytest.approx(logs["siglip"] + 0.25 * ce, rel=1e-5)
 
 
-def test_a_few_steps_lower_the_loss_on_a_fixed_batch(bpe, pair_images):
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(bpe, pair_images, bf16):
+    """Also under bf16 autocast on the CPU (`train --precision bf16`), where attention runs in float32."""
+    from retrieval.devices import autocast_for
     from retrieval.training.loop import TrainConfig, make_optimizer
 
     torch.manual_seed(0)
@@ -486,7 +531,8 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(bpe, pair_images):
     optimizer = make_optimizer(model, TrainConfig(lr=3e-3, weight_decay=0.01))
     losses, logs_seen = [], []
     for _ in range(20):
-        loss, logs = objective.loss(batch)
+        with autocast_for("cpu", bf16):
+            loss, logs = objective.loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -45,13 +45,13 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 40, batc
     pairs = read_pairs(data)
     objective = objective_for(encoder, pairs, device, progress)
     objective.model.to(device).train()
-    length_multiple, row_multiple = objective.length_multiple, objective.row_multiple
-    settings = {"padded": (ONE_BATCH, 1, False), "grouped": (length_multiple, row_multiple, False),
-                "grouped-bf16": (length_multiple, row_multiple, True)}
+    length_multiple = objective.length_multiple
+    settings = {"padded": (ONE_BATCH, False), "grouped": (length_multiple, False),
+                "grouped-bf16": (length_multiple, True)}
     pad = objective.model.config.special_ids.pad
     batches = training_batches(objective, pairs, config)
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    groups, worst = [], {"grouped": 0.0, "grouped-bf16": 0.0}
+    groups, worst = [], dict.fromkeys(VARIANTS[1:], 0.0)
     with thread_count(threads):
         torch_threads = torch.get_num_threads()
         _ = objective.codes  # tokenise the training images before timing
@@ -61,7 +61,7 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 40, batc
                        for ids, _, _ in batch["sides"].values()]
             losses = {}
             for name in VARIANTS[step % 3:] + VARIANTS[: step % 3]:
-                objective.length_multiple, objective.row_multiple, bf16 = settings[name]
+                objective.length_multiple, bf16 = settings[name]
                 objective.model.zero_grad(set_to_none=True)
                 with timed() as t:
                     with autocast_for(device, bf16):
@@ -87,7 +87,7 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 40, batc
         "seed": seed,
         "timed_steps": steps - WARMUP_STEPS,
         "length_multiple": length_multiple,
-        "row_multiple": row_multiple,
+        "row_multiple": objective.row_multiple,
         "mean_groups_per_side": statistics.mean(groups),
         "seconds_per_step": median,
         "speedup": {name: median["padded"] / median[name] for name in VARIANTS},
@@ -98,10 +98,9 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 40, batc
 def report_lines(report: dict[str, Any]) -> list[str]:
     """The printed form of a `bench_train` report."""
     median, speedup, worst = report["seconds_per_step"], report["speedup"], report["max_relative_loss_difference"]
-    groups = (f"length groups (multiple {report['length_multiple']}, rows padded to a multiple of "
-              f"{report['row_multiple']}, {report['mean_groups_per_side']:.1f} groups per side)")
+    groups = f"length groups (multiple {report['length_multiple']}, {report['mean_groups_per_side']:.1f} per side)"
     labels = {"padded": "one padded batch, float32", "grouped": f"{groups}, float32",
-              "grouped-bf16": "the same length groups, bf16 autocast"}
+              "grouped-bf16": f"the same groups, rows padded to a multiple of {report['row_multiple']}, bf16 autocast"}
     return [
         f"train bench: {report['model']} on {report['device']}, batch {report['batch_size']} (caption share "
         f"{report['caption_share']}, seed {report['seed']}), {report['timed_steps']} timed steps, "

@@ -36,7 +36,7 @@ class FuseLIPObjective:
         ids = self.model.config.special_ids
         self.never_masked = [ids.eot, ids.pad] + ([ids.mask] if ids.mask is not None else [])
         self.length_multiple = LENGTH_MULTIPLE  # `bench train` sets one no row reaches: one padded batch
-        self.row_multiple = ROW_MULTIPLE
+        self.row_multiple = ROW_MULTIPLE  # under CPU autocast only, where it keeps the bf16 kernels few
 
     @property
     def codes(self) -> torch.Tensor:
@@ -71,9 +71,10 @@ class FuseLIPObjective:
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         model, embeddings, mmm = self.model, [], 0.0
+        row_multiple = self.row_multiple if torch.is_autocast_enabled("cpu") else 1
         for ids, masked, where in batch["sides"].values():
             rows, pooled, logits, targets = [], [], [], []
-            for group, chunk, hidden in model.hidden_by_length(masked, self.length_multiple, self.row_multiple):
+            for group, chunk, hidden in model.hidden_by_length(masked, self.length_multiple, row_multiple):
                 picked = where[group, : chunk.shape[1]]  # only padding is cut off, and it is never masked
                 rows.append(group)
                 pooled.append(model.pool(hidden, chunk))

@@ -17,9 +17,10 @@ def siglip_loss(left: torch.Tensor, right: torch.Tensor, positives: torch.Tensor
     """−Σ log σ(±(e^s·l·r + b)) / B over all B×U pairs; `positives` [B, U] marks the +1 labels.
 
     `left` and `right` are unit vectors; `logit_scale` is stored as a log."""
-    logits = logit_scale.exp() * left @ right.T + logit_bias
-    signs = positives.to(logits.dtype) * 2 - 1
-    return -F.logsigmoid(signs * logits).sum() / len(left)
+    with full_precision(left):  # near the bias of −10, bf16 steps of 1/16 would merge hard negatives
+        logits = logit_scale.float().exp() * left.float() @ right.float().T + logit_bias.float()
+        signs = positives.to(logits.dtype) * 2 - 1
+        return -F.logsigmoid(signs * logits).sum() / len(left)
 
 
 def mask_tokens(ids: torch.Tensor, probability: float, mask_id: int, never: list[int],

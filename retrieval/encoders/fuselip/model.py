@@ -22,7 +22,7 @@ from retrieval.encoders.layers import Transformer
 from retrieval.text_tokenizer import SpecialIds
 
 LENGTH_MULTIPLE = 8  # rows of a batch run in groups of equal length rounded up to this
-ROW_MULTIPLE = 4  # in training, each group runs padded to a multiple of this many rows
+ROW_MULTIPLE = 4  # in training, each group runs padded to a multiple of this many rows (for bf16 on the CPU)
 
 
 @dataclass
@@ -124,17 +124,19 @@ class FuseLIP(nn.Module):
 
     def hidden_by_length(self, ids: torch.Tensor, multiple: int = LENGTH_MULTIPLE, row_multiple: int = 1
                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(rows, their ids, their `hidden` states) for each group of rows of equal length rounded up to
-        `multiple`, cut to that rounded length: a short row need not pay for the padding of the batch's longest
+        """(rows, their ids cut after the group's longest row, their `hidden` states) for each group of rows of
+        equal length rounded up to `multiple`: a short row need not pay for the padding of the batch's longest
         one. Padding is masked as a key, so a row's states do not depend on its group.
 
-        With `row_multiple`, a group runs with repeats of its first row up to a multiple of that many rows,
-        dropped after: so few shapes occur that the CPU's bf16 matrix kernels, compiled once per shape, are
-        compiled in the first steps only."""
+        With `row_multiple` > 1 (training), a group runs cut to its rounded length (at most the batch's) and
+        with repeats of its first row up to a multiple of that many rows, dropped after: so few shapes occur
+        that the CPU's bf16 matrix kernels, which oneDNN compiles once per shape, are mostly reused."""
         lengths = row_lengths(ids, self.config.special_ids.pad)
         for rows in length_groups(lengths, multiple):
-            longest = int(lengths[rows].max())
-            chunk = ids[rows, : min(longest + (-longest % multiple), ids.shape[1])]
+            cut = int(lengths[rows].max())
+            if row_multiple > 1:
+                cut = min(cut + (-cut % multiple), ids.shape[1])
+            chunk = ids[rows, :cut]
             repeats = chunk[:1].expand(-len(rows) % row_multiple, -1)
             yield rows, chunk, self.hidden(torch.cat([chunk, repeats]))[: len(rows)]
 
