@@ -221,7 +221,7 @@ TRAINING_DATA_HELP = "Benchmark folder with training pairs (repeatable)."
 REPEAT_HELP = "NAME=K: take data set NAME's groups K times per epoch (repeatable)."
 CAPTION_SHARE_HELP = "Share of each batch given to image–caption pairs drawn apart from the groups"
 PRECISION_HELP = ("Forward pass: auto (bf16 autocast on CUDA, float32 on the CPU), bf16 or fp32. On a CPU with AMX, "
-                  "bf16 runs FuseLIP's training step faster: see `retrieval bench train`")
+                  "bf16 makes FuseLIP's step faster in `retrieval bench train`, not yet over a whole run")
 
 
 @app.command("train")

@@ -32,7 +32,7 @@ SMALLER: list[tuple[tuple[str, ...], str, str]] = [
     (("train",), "--warmup", "1"),
     (("bench", "index"), "--n", "10000"),
     (("bench", "encode"), "--n", "200"),
-    (("bench", "train"), "--steps", "4"),
+    (("bench", "train"), "--steps", "7"),
     (("bench", "train"), "--batch-size", "32"),
     (("demo",), "--n-shapes", "120"),
     (("demo",), "--n-digits", "100"),

@@ -22,7 +22,7 @@ from retrieval.encoders.layers import Transformer
 from retrieval.text_tokenizer import SpecialIds
 
 LENGTH_MULTIPLE = 8  # rows of a batch run in groups of equal length rounded up to this
-ROW_MULTIPLE = 4  # in training, each group runs padded to a multiple of this many rows (for bf16 on the CPU)
+ROW_MULTIPLE = 4  # training under CPU autocast runs each group padded to a multiple of this many rows
 
 
 @dataclass
@@ -128,9 +128,9 @@ class FuseLIP(nn.Module):
         equal length rounded up to `multiple`: a short row need not pay for the padding of the batch's longest
         one. Padding is masked as a key, so a row's states do not depend on its group.
 
-        With `row_multiple` > 1 (training), a group runs cut to its rounded length (at most the batch's) and
-        with repeats of its first row up to a multiple of that many rows, dropped after: so few shapes occur
-        that the CPU's bf16 matrix kernels, which oneDNN compiles once per shape, are mostly reused."""
+        With `row_multiple` > 1 (training under CPU autocast), a group runs cut to its rounded length (at most
+        the batch's) and with repeats of its first row up to a multiple of that many rows, dropped after: so few
+        shapes occur that the CPU's bf16 matrix kernels, which oneDNN compiles once per shape, are mostly reused."""
         lengths = row_lengths(ids, self.config.special_ids.pad)
         for rows in length_groups(lengths, multiple):
             cut = int(lengths[rows].max())
