@@ -1,5 +1,6 @@
 """Training batches: whole groups, and with a caption share, image–caption pairs drawn apart from the groups in a
-seeded order that a resumed run repeats exactly."""
+seeded order that a resumed run repeats exactly; a batch's candidates and which of them each pair counts as
+positive."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from retrieval import RetrievalError
 from retrieval.training.loop import TrainConfig, caption_slots
-from retrieval.training.pairs import Pair, batch_stream, caption_pairs, groups_of
+from retrieval.training.pairs import Pair, batch_stream, candidates, caption_pairs, groups_of
 
 
 def pairs_of(n_groups: int = 20, edits: int = 9) -> list[Pair]:
@@ -73,3 +74,22 @@ def test_bad_caption_shares_are_refused():
         next(batch_stream(groups_of(no_captions), 30, seed=0, captions=[], caption_slots=6))
     with pytest.raises(RetrievalError, match="no room for groups"):
         next(batch_stream(groups_of(pairs_of()), 4, seed=0, captions=[0], caption_slots=4))
+
+
+def test_candidates_are_the_distinct_targets_and_same_marks_a_query_that_is_the_item():
+    pairs = [Pair("sw/0", "sw/caption", "0.png", None, None, "a red circle"),
+             Pair("sw/0", "sw/tgit-flip", "0.png", "horizontal flip", "0-h.png", None),
+             Pair("sw/0", "sw/tgit-flip", "0-h.png", "horizontal flip", "0.png", None),
+             Pair("sw/0", "sw/tgit-rotate", "0.png", "rotate 90 degrees clockwise", "0-90.png", None),
+             Pair("sw/0", "sw/vqa-presence", "0.png", "is there a circle?", None, "yes"),
+             Pair("sw/1", "sw/vqa-presence", "1.png", "is there a square?", None, "yes")]
+    targets, positives, same = candidates(pairs)
+    assert targets == [(None, "a red circle"), ("0-h.png", None), ("0.png", None), ("0-90.png", None), (None, "yes")]
+
+    def marked(cells):
+        return [[targets[j] for j in row.nonzero().flatten()] for row in cells]
+
+    assert marked(positives) == [[(None, "a red circle")], [("0-h.png", None)], [("0.png", None)],
+                                 [("0-90.png", None)], [(None, "yes")], [(None, "yes")]]
+    # the image whose caption is asked for is the flip-back's target; an edit's source is not its query
+    assert marked(same) == [[("0.png", None)], [], [], [], [], []]

@@ -167,8 +167,8 @@ def test_length_groups_split_rows_by_rounded_length(enc):
         ids[i, :len(row)] = torch.tensor(row)
     lengths = row_lengths(ids, pad)
     assert lengths.tolist() == [2, 9, 18, 3, 18]
-    assert [g.tolist() for g in length_groups(lengths, 8)] == [[0, 3], [1], [2, 4]]
-    assert [g.tolist() for g in length_groups(lengths, 1 << 30)] == [[0, 1, 2, 3, 4]]
+    assert [(n, g.tolist()) for n, g in length_groups(lengths, 8)] == [(8, [0, 3]), (16, [1]), (24, [2, 4])]
+    assert [(n, g.tolist()) for n, g in length_groups(lengths, 1 << 30)] == [(1 << 30, [0, 1, 2, 3, 4])]
     assert enc.model.embed_ids(ids[:0]).shape == (0, enc.model.config.width)
 
 
@@ -460,7 +460,11 @@ def test_objective_batch_masks_both_sides_but_never_eot_or_pad(bpe, pair_images)
     pairs = make_pairs(pair_images)
     objective = FuseLIPObjective(enc, pairs, mask_probability=1.0, progress=False)
     batch = objective.batch(pairs, torch.Generator().manual_seed(0))
-    assert batch["positives"].shape == (7, 7) and torch.equal(batch["positives"], torch.eye(7, dtype=torch.bool))
+    # each pair's own target; and the blue and yellow images, asked alone for their captions, are also the
+    # edits' targets: the same items, so positives too
+    own = torch.eye(7, dtype=torch.bool)
+    own[2, 4] = own[3, 5] = True
+    assert batch["positives"].shape == (7, 7) and torch.equal(batch["positives"], own)
     mask = OWN_IDS.mask
     for ids, masked, where in batch["sides"].values():
         special = (ids == OWN_IDS.eot) | (ids == OWN_IDS.pad)
@@ -481,7 +485,7 @@ def test_objective_batch_masks_both_sides_but_never_eot_or_pad(bpe, pair_images)
     shared = [*pairs, Pair(group="h", task="t", query_image=None, query_text="red square?", target_image=None,
                            target_text="a red square")]
     positives = plain.batch(shared, torch.Generator().manual_seed(0))["positives"]
-    assert positives.shape == (8, 7) and positives.sum(1).eq(1).all()
+    assert positives.shape == (8, 7) and positives[[0, 1, 4, 5, 6, 7]].sum(1).eq(1).all()
     assert positives[0, 0] and positives[7, 0] and positives[:, 0].sum() == 2
 
 

@@ -17,7 +17,7 @@ from retrieval.encoders.fuselip import FuseLIPEncoder
 from retrieval.encoders.fuselip.model import LENGTH_MULTIPLE, ROW_MULTIPLE, in_row_order
 from retrieval.images import load_image
 from retrieval.training.losses import MAX_LOGIT_SCALE, mask_tokens, masked_token_loss, siglip_loss
-from retrieval.training.pairs import Pair, positives_matrix
+from retrieval.training.pairs import Pair, candidates
 
 
 class FuseLIPObjective:
@@ -59,8 +59,10 @@ class FuseLIPObjective:
         return self.model.sequence(codes, has_image, text)
 
     def batch(self, pairs: list[Pair], generator: torch.Generator) -> dict[str, Any]:
-        targets = list(dict.fromkeys(p.target for p in pairs))  # equal targets are scored once
-        positives = positives_matrix([p.target for p in pairs], targets)
+        targets, positives, same = candidates(pairs)  # equal targets are scored once
+        # SigLIP scores each cell on its own, so a query's own item counts as a positive, met at once; as a
+        # negative, two nearly equal vectors could only be pushed apart by shrinking the logit scale
+        positives = positives | same
         sides = {}
         for name, items in (("left", [(p.query_image, p.query_text) for p in pairs]), ("right", targets)):
             ids = self.sequences(items)

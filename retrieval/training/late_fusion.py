@@ -22,7 +22,7 @@ from retrieval.encoders.late_fusion import LateFusionEncoder
 from retrieval.errors import RetrievalError
 from retrieval.images import load_image
 from retrieval.training.losses import MAX_LOGIT_SCALE, info_nce
-from retrieval.training.pairs import Pair, positives_matrix
+from retrieval.training.pairs import Pair, candidates
 
 
 class LateFusionObjective:
@@ -51,7 +51,9 @@ class LateFusionObjective:
         return self._rows[text]
 
     def batch(self, pairs: list[Pair], generator: torch.Generator) -> dict[str, Any]:
-        targets = list(dict.fromkeys(p.target for p in pairs))
+        # a query's own item stays a negative here: as an InfoNCE positive it would take its row's and its
+        # column's whole share, silencing both (the bundled dual encoders were trained this way)
+        targets, positives, _ = candidates(pairs)
         images = list(dict.fromkeys(i for p in pairs for i in (p.query_image, p.target_image) if i))
         texts = list(dict.fromkeys(t for p in pairs for t in (p.query_text, p.target_text) if t)) + [""]
         image_at, text_at = {p: i for i, p in enumerate(images)}, {t: i for i, t in enumerate(texts)}
@@ -74,7 +76,7 @@ class LateFusionObjective:
         batch = {"pixels": pixels.float(),
                  "text": torch.tensor([self.text_row(t) for t in texts]),
                  "left": refs([(p.query_image, p.query_text) for p in pairs]), "right": refs(targets),
-                 "positives": positives_matrix([p.target for p in pairs], targets),
+                 "positives": positives,
                  "caption_pairs": refs(captions),
                  "caption_images": torch.tensor([image_at[i] for i in caption_images], dtype=torch.long),
                  "caption_texts": torch.tensor([text_at[t] for t in caption_texts], dtype=torch.long),

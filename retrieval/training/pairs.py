@@ -115,9 +115,17 @@ def caption_draw(captions: list[int], step: int, slots: int, seed: int) -> list[
     return [rounds[k // len(captions)][k % len(captions)] for k in range(step * slots, (step + 1) * slots)]
 
 
-def positives_matrix(keys: list, columns: list) -> torch.Tensor:
-    """[len(keys), len(set(columns))]: row i is positive for the column holding keys[i]; columns deduped."""
-    index = {c: j for j, c in enumerate(dict.fromkeys(columns))}
-    out = torch.zeros(len(keys), len(index), dtype=torch.bool)
-    out[torch.arange(len(keys)), torch.tensor([index[k] for k in keys])] = True
-    return out
+def candidates(pairs: list[Pair]) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """The right side of a batch: its distinct targets, `positives` [len(pairs), len(targets)] (each pair's
+    own target; VQA answers repeat, so a column may serve several pairs), and `same`, where a target is the
+    very item a pair's query is (an image whose caption is asked for is also the target of its flip's
+    "flip back")."""
+    index = {item: j for j, item in enumerate(dict.fromkeys(p.target for p in pairs))}
+    positives = torch.zeros(len(pairs), len(index), dtype=torch.bool)
+    same = torch.zeros_like(positives)
+    for i, p in enumerate(pairs):
+        positives[i, index[p.target]] = True
+        query = (p.query_image, p.query_text or None)
+        if query in index:
+            same[i, index[query]] = True
+    return list(index), positives, same

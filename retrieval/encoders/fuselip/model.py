@@ -132,13 +132,12 @@ class FuseLIP(nn.Module):
         the batch's) and with repeats of its first row up to a multiple of that many rows, dropped after: so few
         shapes occur that the CPU's bf16 matrix kernels, which oneDNN compiles once per shape, are mostly reused."""
         lengths = row_lengths(ids, self.config.special_ids.pad)
-        for rows in length_groups(lengths, multiple):
-            cut = int(lengths[rows].max())
-            if row_multiple > 1:
-                cut = min(cut + (-cut % multiple), ids.shape[1])
+        for rounded, rows in length_groups(lengths, multiple):
+            cut = min(rounded, ids.shape[1]) if row_multiple > 1 else int(lengths[rows].max())
             chunk = ids[rows, :cut]
-            repeats = chunk[:1].expand(-len(rows) % row_multiple, -1)
-            yield rows, chunk, self.hidden(torch.cat([chunk, repeats]))[: len(rows)]
+            repeats = -len(rows) % row_multiple
+            padded = torch.cat([chunk, chunk[:1].expand(repeats, -1)]) if repeats else chunk
+            yield rows, chunk, self.hidden(padded)[: len(rows)]
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         rows, pooled = [], []
@@ -160,10 +159,11 @@ def row_lengths(ids: torch.Tensor, pad: int) -> torch.Tensor:
     return (ids != pad).int().cumsum(1).argmax(1) + 1
 
 
-def length_groups(lengths: torch.Tensor, multiple: int) -> list[torch.Tensor]:
-    """Row indices grouped by length rounded up to a multiple of `multiple`, shortest group first."""
+def length_groups(lengths: torch.Tensor, multiple: int) -> list[tuple[int, torch.Tensor]]:
+    """(rounded length, row indices) for the rows grouped by length rounded up to a multiple of `multiple`,
+    shortest group first."""
     keys = (lengths + multiple - 1) // multiple
-    return [(keys == key).nonzero().squeeze(1) for key in keys.unique()]
+    return [(int(key) * multiple, (keys == key).nonzero().squeeze(1)) for key in keys.unique()]
 
 
 def in_row_order(rows: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
