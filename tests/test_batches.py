@@ -76,14 +76,14 @@ def test_bad_caption_shares_are_refused():
         next(batch_stream(groups_of(pairs_of()), 4, seed=0, captions=[0], caption_slots=4))
 
 
-def test_candidates_are_the_distinct_targets_and_same_marks_a_query_that_is_the_item():
+def test_candidates_are_the_distinct_targets_and_a_query_can_be_a_target_itself():
     pairs = [Pair("sw/0", "sw/caption", "0.png", None, None, "a red circle"),
              Pair("sw/0", "sw/tgit-flip", "0.png", "horizontal flip", "0-h.png", None),
              Pair("sw/0", "sw/tgit-flip", "0-h.png", "horizontal flip", "0.png", None),
              Pair("sw/0", "sw/tgit-rotate", "0.png", "rotate 90 degrees clockwise", "0-90.png", None),
              Pair("sw/0", "sw/vqa-presence", "0.png", "is there a circle?", None, "yes"),
              Pair("sw/1", "sw/vqa-presence", "1.png", "is there a square?", None, "yes")]
-    targets, positives, same = candidates(pairs)
+    targets, positives, query_is_target = candidates(pairs)
     assert targets == [(None, "a red circle"), ("0-h.png", None), ("0.png", None), ("0-90.png", None), (None, "yes")]
 
     def marked(cells):
@@ -91,5 +91,6 @@ def test_candidates_are_the_distinct_targets_and_same_marks_a_query_that_is_the_
 
     assert marked(positives) == [[(None, "a red circle")], [("0-h.png", None)], [("0.png", None)],
                                  [("0-90.png", None)], [(None, "yes")], [(None, "yes")]]
-    # the image whose caption is asked for is the flip-back's target; an edit's source is not its query
-    assert marked(same) == [[("0.png", None)], [], [], [], [], []]
+    # the image whose caption is asked for is the flip-back's target; a composed query (image + edit) is not
+    # the image alone
+    assert marked(query_is_target) == [[("0.png", None)], [], [], [], [], []]

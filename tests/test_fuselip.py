@@ -486,6 +486,7 @@ def test_objective_batch_masks_both_sides_but_never_eot_or_pad(bpe, pair_images)
                            target_text="a red square")]
     positives = plain.batch(shared, torch.Generator().manual_seed(0))["positives"]
     assert positives.shape == (8, 7) and positives[[0, 1, 4, 5, 6, 7]].sum(1).eq(1).all()
+    assert positives[[2, 3]].sum(1).eq(2).all()
     assert positives[0, 0] and positives[7, 0] and positives[:, 0].sum() == 2
 
 

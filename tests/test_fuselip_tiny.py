@@ -46,7 +46,7 @@ def _search_top(index: Path, image: Path, text: str) -> str:
     return json.loads(out)[0]["id"]
 
 
-@pytest.mark.xfail(strict=True, reason="fuselip-tiny (28 min on 2 cores) ranks scene 180's unrotated source first: "
+@pytest.mark.xfail(strict=True, reason="fuselip-tiny (27 min on 2 cores) ranks scene 180's unrotated source first: "
                    "over 100 test scenes its composed query is nearer the 90° rotation than the source in 72 %, "
                    "not in all (issue 4, left open)")
 def test_search_finds_the_rotated_image(shapes, tmp_path):

@@ -59,10 +59,11 @@ class FuseLIPObjective:
         return self.model.sequence(codes, has_image, text)
 
     def batch(self, pairs: list[Pair], generator: torch.Generator) -> dict[str, Any]:
-        targets, positives, same = candidates(pairs)  # equal targets are scored once
-        # SigLIP scores each cell on its own, so a query's own item counts as a positive, met at once; as a
-        # negative, two nearly equal vectors could only be pushed apart by shrinking the logit scale
-        positives = positives | same
+        targets, positives, query_is_target = candidates(pairs)  # equal targets are scored once
+        # SigLIP scores each cell on its own, so a query's own item counts as a positive, nearly met already
+        # (the two differ only by masking); as a negative, the near-copies could only be pushed apart by
+        # shrinking the logit scale
+        positives = positives | query_is_target
         sides = {}
         for name, items in (("left", [(p.query_image, p.query_text) for p in pairs]), ("right", targets)):
             ids = self.sequences(items)

@@ -115,17 +115,17 @@ def caption_draw(captions: list[int], step: int, slots: int, seed: int) -> list[
     return [rounds[k // len(captions)][k % len(captions)] for k in range(step * slots, (step + 1) * slots)]
 
 
-def candidates(pairs: list[Pair]) -> tuple[list, torch.Tensor, torch.Tensor]:
+def candidates(pairs: list[Pair]) -> tuple[list[tuple[str | None, str | None]], torch.Tensor, torch.Tensor]:
     """The right side of a batch: its distinct targets, `positives` [len(pairs), len(targets)] (each pair's
-    own target; VQA answers repeat, so a column may serve several pairs), and `same`, where a target is the
-    very item a pair's query is (an image whose caption is asked for is also the target of its flip's
-    "flip back")."""
+    own target; VQA answers repeat, so a column may serve several pairs), and `query_is_target`, where a
+    target is the very item a pair's query is (an image whose caption is asked for is also the target of
+    its flip's "flip back")."""
     index = {item: j for j, item in enumerate(dict.fromkeys(p.target for p in pairs))}
     positives = torch.zeros(len(pairs), len(index), dtype=torch.bool)
-    same = torch.zeros_like(positives)
+    query_is_target = torch.zeros_like(positives)
     for i, p in enumerate(pairs):
         positives[i, index[p.target]] = True
         query = (p.query_image, p.query_text or None)
         if query in index:
-            same[i, index[query]] = True
-    return list(index), positives, same
+            query_is_target[i, index[query]] = True
+    return list(index), positives, query_is_target
