@@ -65,7 +65,7 @@ class FuseLIPObjective:
         # shrinking the logit scale
         positives = positives | query_is_target
         sides = {}
-        for name, items in (("left", [(p.query_image, p.query_text) for p in pairs]), ("right", targets)):
+        for name, items in (("left", [p.query for p in pairs]), ("right", targets)):
             ids = self.sequences(items)
             masked, where = mask_tokens(ids, self.mask_probability, self.model.config.special_ids.mask,
                                         self.never_masked, generator)

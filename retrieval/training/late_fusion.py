@@ -75,7 +75,7 @@ class LateFusionObjective:
         pixels = torch.stack([self.pixels(p) for p in images]) if images else torch.zeros(0, 3, size, size)
         batch = {"pixels": pixels.float(),
                  "text": torch.tensor([self.text_row(t) for t in texts]),
-                 "left": refs([(p.query_image, p.query_text) for p in pairs]), "right": refs(targets),
+                 "left": refs([p.query for p in pairs]), "right": refs(targets),
                  "positives": positives,
                  "caption_pairs": refs(captions),
                  "caption_images": torch.tensor([image_at[i] for i in caption_images], dtype=torch.long),

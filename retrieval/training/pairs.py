@@ -29,6 +29,11 @@ class Pair:
     target_text: str | None
 
     @property
+    def query(self) -> tuple[str | None, str | None]:
+        """What the query is, in the form of `target`: an empty text is no text."""
+        return self.query_image, self.query_text or None
+
+    @property
     def target(self) -> tuple[str | None, str | None]:
         """What the target is; two pairs with the same target are both positives for either query."""
         return self.target_image, self.target_text or None
@@ -125,7 +130,6 @@ def candidates(pairs: list[Pair]) -> tuple[list[tuple[str | None, str | None]], 
     query_is_target = torch.zeros_like(positives)
     for i, p in enumerate(pairs):
         positives[i, index[p.target]] = True
-        query = (p.query_image, p.query_text or None)
-        if query in index:
-            query_is_target[i, index[query]] = True
+        if p.query in index:
+            query_is_target[i, index[p.query]] = True
     return list(index), positives, query_is_target
