@@ -15,11 +15,13 @@ app = typer.Typer(help="Multimodal retrieval: encode corpora, build FAISS indexe
 index_app = typer.Typer(help="Build FAISS indexes.", no_args_is_help=True)
 models_app = typer.Typer(help="Registered encoders.", no_args_is_help=True)
 data_app = typer.Typer(help="Benchmark data.", no_args_is_help=True)
+store_app = typer.Typer(help="Embedding stores.", no_args_is_help=True)
 bench_app = typer.Typer(help="Speed benchmarks, measured side by side in one process and printed as ratios.",
                         no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(store_app, name="store")
 app.add_typer(bench_app, name="bench")
 
 DEVICE_HELP = "auto | cpu | cuda"
@@ -27,6 +29,9 @@ FUSION_HELP = ("Late-fusion models (sparc, fdt): how an image and a text become 
                "(default: score; for search, the index's).")
 # measured with `retrieval bench query` (100k index, 2 cores): composed p50 0.54 ms at 1 thread, 8 ms at 2
 QUERY_THREADS_HELP = "torch and FAISS threads: one query gains nothing from more, and waking them costs ms."
+FOLLOW_HELP = "Read files that symlinks under the corpus root lead to outside it (refused by default)."
+ROOT_ONLY_HELP = ("Refuse manifest paths outside the manifest's folder (absolute or ../), as for a corpus "
+                  "you did not write.")
 
 
 @app.command()
@@ -43,13 +48,15 @@ def encode(
     fusion: str | None = typer.Option(None, "--fusion", help=FUSION_HELP),
     sparse_codes: bool = typer.Option(False, "--sparse-codes", help="fdt models: also store each item's active "
                                                                     "codebook token ids and weights."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help=FOLLOW_HELP),
+    root_only: bool = typer.Option(False, "--root-only", help=ROOT_ONLY_HELP),
 ) -> None:
     """Encode a corpus into a Parquet embedding store."""
     from retrieval.encode import encode_corpus
 
     summary = encode_corpus(corpus, out, model, batch_size=batch_size, workers=workers, device=device,
                             dtype=dtype, strict=strict, part_size=part_size, fusion=fusion,
-                            sparse_codes=sparse_codes)
+                            sparse_codes=sparse_codes, follow_symlinks=follow_symlinks, root_only=root_only)
     typer.echo("\n".join(summary.lines()))
 
 
@@ -65,14 +72,17 @@ def index_build(
     batch_size: int = typer.Option(256, "--batch-size", help="Encoding batch size (corpus SOURCE)."),
     workers: int | None = typer.Option(None, "--workers", help="Encoding loader processes."),
     fusion: str | None = typer.Option(None, "--fusion", help=FUSION_HELP),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help=FOLLOW_HELP + " (corpus SOURCE)"),
+    root_only: bool = typer.Option(False, "--root-only", help=ROOT_ONLY_HELP + " (corpus SOURCE)"),
 ) -> None:
-    """Build a FAISS index (index.faiss + index.json) from an embedding store or a corpus."""
+    """Build a FAISS index (index-<sha>.faiss + index.json) from an embedding store or a corpus."""
     from retrieval.indexing import build_index_folder
 
     info = build_index_folder(source, out, model=model, index_key=index_key, device=device,
                               memory_budget=memory_budget, target_recall=target_recall,
                               encode_options={"batch_size": batch_size, "workers": workers, "device": device,
-                                              "fusion": fusion})
+                                              "fusion": fusion, "follow_symlinks": follow_symlinks,
+                                              "root_only": root_only})
     typer.echo(f"index {out}: {info['index_key']} over {info['count']} vectors (dim {info['dim']}), "
                f"{info['search_params'] or 'exact'}, ann_recall@10 {info['ann_recall@10']:.3f}, "
                f"built in {info['seconds']['total']:.1f} s on {info['device']}")
@@ -183,6 +193,23 @@ def models_import(
     module, function = IMPORTERS[family].split(":")
     path = getattr(importlib.import_module(module), function)(source, out, **options)
     typer.echo(f"imported {source} → {path} (use it as --model {path})")
+
+
+@store_app.command("verify")
+def store_verify(
+    store: Path = typer.Argument(..., help="Embedding store folder."),
+) -> None:
+    """Check every part of a store in full: checksums, page checksums and unit vectors."""
+    from retrieval.store import EmbeddingStore
+
+    opened = EmbeddingStore(store)
+    problems = opened.damaged_parts(full=True)
+    for problem in problems:
+        typer.echo(f"damaged: {problem}")
+    if problems:
+        raise RetrievalError(f"store {store}: {len(problems)} of {len(opened.parts)} parts are damaged; "
+                             "encode the corpus again into a new folder")
+    typer.echo(f"store {store}: {len(opened.parts)} parts, {opened.count} vectors, all intact")
 
 
 @data_app.command("make")
@@ -438,6 +465,19 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: run the same command again to resume", err=True)
         sys.exit(130)
+    except OSError as e:  # a full disk, a file over a size limit, a folder it may not write
+        typer.echo(f"error: {describe_os_error(e)}", err=True)
+        sys.exit(2)
+
+
+def describe_os_error(error: OSError) -> str:
+    import errno
+
+    where = f" ({error.filename})" if error.filename else ""
+    line = f"{error.strerror or error}{where}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        line += "; what was committed before is intact: make room and run the same command again"
+    return line
 
 
 if __name__ == "__main__":

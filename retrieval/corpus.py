@@ -19,19 +19,23 @@ import pyarrow as pa
 from retrieval.errors import RetrievalError
 from retrieval.files import sha256_file
 from retrieval.images import IMAGE_SUFFIXES
+from retrieval.paths import PathPolicy, PathRefused, read_text
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 RESERVED_COLUMNS = ("row", "embedding", "position", "error", "rank", "score")
 MAX_TEXT_CHARS = 20_000
+READ_ERROR = "\0read error"  # the key under which a reader gives a record's reason (no column can be named so)
 
 
 @dataclass
 class Corpus:
-    """A read corpus: `table` has position, id, image (absolute path), text, error, and metadata columns."""
+    """A read corpus: `table` has position, id, image (absolute path), text, error, and metadata columns;
+    `paths` says which image files it may read."""
 
     source: Path
     table: pa.Table
     fingerprint: str
+    paths: PathPolicy
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -46,25 +50,30 @@ def is_corpus(path: str | os.PathLike) -> bool:
     return path.is_dir() or path.suffix.lower() in MANIFEST_SUFFIXES
 
 
-def read_corpus(path: str | os.PathLike, max_text_chars: int = MAX_TEXT_CHARS) -> Corpus:
-    """Read and check a corpus; raises RetrievalError only when the whole source is unusable."""
+def read_corpus(path: str | os.PathLike, max_text_chars: int = MAX_TEXT_CHARS, follow_symlinks: bool = False,
+                root_only: bool = False) -> Corpus:
+    """Read and check a corpus; raises RetrievalError only when the whole source is unusable.
+
+    Files under the corpus root reached through a symlink that leaves it are refused unless `follow_symlinks`;
+    manifest paths outside the manifest's folder are read unless `root_only` (retrieval.paths)."""
     path = Path(path)
     if not path.exists():
         raise RetrievalError(f"corpus not found: {path}")
+    root = (path if path.is_dir() else path.parent).resolve()
+    policy = PathPolicy.for_root(root, follow_symlinks=follow_symlinks, root_only=root_only)
     if path.is_dir():
-        records, fingerprint = _read_folder(path), _folder_fingerprint(path)
-        root = path
+        files = _walk(root, follow_symlinks)
+        records, fingerprint = _read_folder(root, files, policy, max_text_chars), _folder_fingerprint(root, files)
     else:
         suffix = path.suffix.lower()
         readers = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
         if suffix not in readers:
             raise RetrievalError(f"unsupported corpus {path}: use a folder or a {'/'.join(MANIFEST_SUFFIXES)} file")
         records, fingerprint = readers[suffix](path), sha256_file(path)
-        root = path.parent
-    rows = _check_rows(records, root.resolve(), max_text_chars)
+    rows = _check_rows(records, root, max_text_chars)
     if not rows:
         raise RetrievalError(f"corpus {path} has no rows")
-    return Corpus(source=path.resolve(), table=_to_table(rows), fingerprint=fingerprint)
+    return Corpus(source=path.resolve(), table=_to_table(rows), fingerprint=fingerprint, paths=policy)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -77,10 +86,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                records.append({"error": f"broken manifest row (line {number}): invalid JSON: {e.msg}"})
+                records.append({READ_ERROR: f"broken manifest row (line {number}): invalid JSON: {e.msg}"})
                 continue
             if not isinstance(record, dict):
-                records.append({"error": f"broken manifest row (line {number}): not a JSON object"})
+                records.append({READ_ERROR: f"broken manifest row (line {number}): not a JSON object"})
                 continue
             records.append(record)
     return records
@@ -88,28 +97,72 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise RetrievalError(f"corpus {path} is empty") from None
-        records = []
-        for values in reader:
-            if not values:
-                continue
-            if len(values) != len(header):
-                records.append({"error": f"broken manifest row (line {reader.line_num}): "
-                                         f"{len(values)} fields, the header has {len(header)}"})
-                continue
-            records.append({k: (v if v != "" else None) for k, v in zip(header, values)})
+        lines = list(f)
+    try:
+        header = next(csv.reader(lines[:1]))
+    except (StopIteration, csv.Error):
+        raise RetrievalError(f"corpus {path} is empty or has no header row") from None
+    records = [{k: (v if v != "" else None) for k, v in zip(header, values)} if isinstance(values, list)
+               else {READ_ERROR: values} for values in _csv_rows(lines, len(header))]
     for column in set(header) - {"id", "image", "text"}:
         _infer_number_column(records, column)
     return records
 
 
+def _csv_rows(lines: list[str], width: int) -> list[list[str] | str]:
+    """The rows after the header: each its values, or the reason it is broken.
+
+    A broken row (a wrong field count, a field over csv's size limit, an unterminated quote that runs on into
+    the lines after it) is reported, and reading starts again on the line after its first, so the rows that a
+    stray quote swallowed are still read."""
+    rows: list[list[str] | str] = []
+    at = 1  # index in `lines` of the next record; lines[i] is line i + 1 of the file
+    while at < len(lines):
+        base, restart = at, None
+        reader = csv.reader((lines[i] for i in range(base, len(lines))), strict=True)
+        try:
+            for values in reader:
+                first, at = at, base + reader.line_num  # this record spans lines[first:at]
+                if not values:
+                    continue
+                spans = at - first
+                runs_on = spans > 1 and (len(values) != width or _looks_like_rows(lines[first + 1:at], width))
+                if runs_on:
+                    rows.append(f"broken manifest row (line {first + 1}): a quote left open runs on into "
+                                f"{spans - 1} more line{'s' if spans > 2 else ''}")
+                    restart = first + 1
+                    break
+                if len(values) != width:
+                    rows.append(f"broken manifest row (line {first + 1}): {len(values)} fields, "
+                                f"the header has {width}")
+                    continue
+                rows.append(values)
+        except csv.Error as e:
+            reason = "a quote left open runs on to the end of the file" if "end of data" in str(e) else str(e)
+            rows.append(f"broken manifest row (line {at + 1}): {reason}")
+            restart = at + 1
+        if restart is None:
+            break
+        at = restart
+    return rows
+
+
+def _looks_like_rows(lines: list[str], width: int) -> bool:
+    """Whether most of these lines (inside one quoted field) would each be a row of `width` fields on their own."""
+    if width < 2 or not lines:
+        return False
+    rows = 0
+    for line in lines:
+        try:
+            rows += len(next(csv.reader([line]), [])) == width
+        except csv.Error:
+            pass
+    return rows > 0 and 2 * rows >= len(lines)
+
+
 def _infer_number_column(records: list[dict[str, Any]], column: str) -> None:
     """CSV values are strings; make a column numeric when every value in it parses as one."""
-    values = [r[column] for r in records if "error" not in r and r.get(column) is not None]
+    values = [r[column] for r in records if READ_ERROR not in r and r.get(column) is not None]
     for kind in (int, float):
         try:
             parsed = [kind(v) for v in values]
@@ -117,7 +170,7 @@ def _infer_number_column(records: list[dict[str, Any]], column: str) -> None:
             continue
         it = iter(parsed)
         for r in records:
-            if "error" not in r and r.get(column) is not None:
+            if READ_ERROR not in r and r.get(column) is not None:
                 r[column] = next(it)
         return
 
@@ -131,26 +184,57 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
         raise RetrievalError(f"cannot read corpus {path}: {e}") from None
 
 
-def _read_folder(root: Path) -> list[dict[str, Any]]:
+def _walk(root: Path, follow_symlinks: bool) -> list[Path]:
+    """Every file under `root` in a stable order. Linked folders are entered only when following symlinks, and
+    then each real folder once (a link loop ends)."""
+    files, seen = [], set()
+    for folder, _, names in os.walk(root, followlinks=follow_symlinks):
+        if follow_symlinks:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+        files += [Path(folder, name) for name in names]
+    return sorted(files)
+
+
+def _read_folder(root: Path, files: list[Path], policy: PathPolicy, max_chars: int) -> list[dict[str, Any]]:
+    listed = set(files)
     records = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    for path in (p for p in files if p.suffix.lower() in IMAGE_SUFFIXES):
         rel = path.relative_to(root).as_posix()
         record: dict[str, Any] = {"id": rel, "image": rel}
         sidecar = path.with_suffix(".txt")
-        if sidecar.is_file():
-            record["text"] = sidecar.read_bytes().decode("utf-8", errors="surrogateescape").strip()
+        if sidecar in listed:
+            record.update(_read_sidecar(sidecar, policy, max_chars))
         records.append(record)
     if not records:
         raise RetrievalError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
     return records
 
 
-def _folder_fingerprint(root: Path) -> str:
+def _read_sidecar(path: Path, policy: PathPolicy, max_chars: int) -> dict[str, Any]:
+    """{"text": ...} read from a caption file, at most `max_chars` of it; with an "error" when it is unusable."""
+    try:
+        with policy.open_file(path) as f:
+            text, more = read_text(f, max_chars)
+    except PathRefused as e:
+        return {READ_ERROR: f"sidecar text refused: {e}"}
+    except OSError as e:
+        return {READ_ERROR: f"cannot read sidecar text: {e.strerror or e} ({path})"}
+    if more:
+        return {"text": text, READ_ERROR: f"text too long: {path.name} has more than {max_chars} characters"}
+    return {"text": text.strip()}
+
+
+def _folder_fingerprint(root: Path, files: list[Path]) -> str:
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
+    for path in files:
+        try:
             st = path.stat()
-            h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # a broken link: it counts by its name
+            st = os.stat_result((0,) * 10)
+        h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -163,11 +247,11 @@ def _check_rows(records: list[dict[str, Any]], root: Path, max_text_chars: int) 
     first_seen: dict[str, int] = {}
     rows = []
     for position, record in enumerate(records):
-        clash = [c for c in RESERVED_COLUMNS if c in record and not (c == "error" and len(record) == 1)]
+        clash = [c for c in RESERVED_COLUMNS if c in record]
         if clash:
             raise RetrievalError(f"corpus column {clash[0]!r} is reserved by the embedding store; rename it")
         row = {"position": position, **record}
-        row.setdefault("error", None)
+        row["error"] = row.pop(READ_ERROR, None)
         rid = row.get("id")
         row["id"] = str(position) if rid is None else str(rid)
         image, text = row.get("image"), row.get("text")

@@ -26,8 +26,9 @@ import pyarrow.parquet as pq
 
 from retrieval.corpus import Corpus, read_corpus
 from retrieval.errors import RetrievalError
-from retrieval.files import atomic_path
+from retrieval.files import LOCK_FILE, atomic_path, check_out_folder, folder_lock, is_leftover
 from retrieval.images import ImageReadError, load_image
+from retrieval.paths import excerpt
 from retrieval.store import DTYPES, ERRORS, FORMAT, MANIFEST, VERSION, embedding_array, part_name, write_part
 from retrieval.store import write_manifest as commit_manifest
 
@@ -66,6 +67,7 @@ class PreparedItems:
         self.images = t["image"].to_pylist()
         self.texts = t["text"].to_pylist()
         self.errors = t["error"].to_pylist()
+        self.paths = corpus.paths
         self.encoder = encoder
 
     def __len__(self) -> int:
@@ -75,7 +77,7 @@ class PreparedItems:
         if self.errors[position] is not None:
             return position, self.errors[position]
         try:
-            image = load_image(self.images[position]) if self.images[position] else None
+            image = load_image(self.images[position], policy=self.paths) if self.images[position] else None
             return position, self.encoder.prepare(image, self.texts[position])
         except ImageReadError as e:
             return position, str(e)
@@ -107,23 +109,35 @@ def default_workers() -> int:
 def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model: str,
                   batch_size: int = 256, workers: int | None = None, device: str = "auto",
                   dtype: str = "float32", strict: bool = False, part_size: int = 10_000,
-                  progress: bool = True, fusion: str | None = None, sparse_codes: bool = False) -> EncodeSummary:
-    """Encode a corpus into an embedding store at `out`, resuming a previous run of the same job."""
-    import torch
-    from tqdm import tqdm
-
-    from retrieval.encoders import load_encoder
-
+                  progress: bool = True, fusion: str | None = None, sparse_codes: bool = False,
+                  follow_symlinks: bool = False, root_only: bool = False) -> EncodeSummary:
+    """Encode a corpus into an embedding store at `out`, resuming a previous run of the same job.
+    `follow_symlinks` / `root_only`: which files the corpus may read (retrieval.paths)."""
     if dtype not in DTYPES:
         raise RetrievalError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
     if batch_size <= 0 or part_size <= 0:
         raise RetrievalError("--batch-size and --part-size must be positive")
+    if workers is not None and workers < 0:
+        raise RetrievalError(f"--workers must be 0 (read in this process) or more, got {workers}")
+    out = Path(out)
+    check_out_folder(out, "an embedding store", lambda folder: (folder / MANIFEST).is_file())
+    from retrieval.encoders import load_encoder
+
     started = time.perf_counter()
-    corpus = read_corpus(corpus_path)
+    corpus = read_corpus(corpus_path, follow_symlinks=follow_symlinks, root_only=root_only)
     encoder = load_encoder(model, device=device, fusion=fusion)
     if sparse_codes and not encoder.extra_columns:
         raise RetrievalError(f"{encoder.name} has no sparse codes to store (fdt models have)")
-    out = Path(out)
+    with folder_lock(out, "encode job"):
+        return _encode(corpus, out, encoder, batch_size, workers, dtype, strict, part_size, progress, sparse_codes,
+                       started)
+
+
+def _encode(corpus: Corpus, out: Path, encoder, batch_size: int, workers: int | None, dtype: str, strict: bool,
+            part_size: int, progress: bool, sparse_codes: bool, started: float) -> EncodeSummary:
+    import torch
+    from tqdm import tqdm
+
     manifest = _start_or_resume(out, corpus, encoder, dtype, part_size, sparse_codes)
     n = len(corpus)
     done_parts = len(manifest["parts"])
@@ -176,23 +190,24 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
 def _start_or_resume(out: Path, corpus: Corpus, encoder, dtype: str, part_size: int,
                      sparse_codes: bool) -> dict[str, Any]:
     """Return the committed manifest of this same job, or a fresh one; refuse a folder of another job."""
-    job = {"corpus": {"source": str(corpus.source), "fingerprint": corpus.fingerprint, "items": len(corpus)},
+    job = {"corpus": {"source": str(corpus.source), "fingerprint": corpus.fingerprint, "items": len(corpus),
+                      "paths": corpus.paths.to_dict()},
            "dtype": dtype, "part_size": part_size,
            "extra_columns": list(encoder.extra_columns) if sparse_codes else []}
     if (out / MANIFEST).is_file():
         from retrieval.store import EmbeddingStore
 
         manifest = EmbeddingStore(out).manifest
+        recorded_paths = manifest["corpus"].get("paths", {})
         same = (manifest["corpus"]["fingerprint"] == corpus.fingerprint
+                and all(recorded_paths.get(k, False) == v for k, v in job["corpus"]["paths"].items() if k != "root")
                 and manifest["encoder"]["weights_sha256"] == encoder.weights_sha256
                 and manifest["encoder"].get("fusion_mode") == encoder.describe().get("fusion_mode")
                 and manifest["dtype"] == dtype and manifest["part_size"] == part_size
                 and manifest.get("extra_columns", []) == job["extra_columns"])
         if not same:
-            raise RetrievalError(f"{out} holds a store of another corpus, model, fusion mode, dtype, part size "
-                                 "or columns; use a new --out folder")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RetrievalError(f"{out} exists and is not an embedding store; use a new or empty --out folder")
+            raise RetrievalError(f"{out} holds a store of another corpus, model, fusion mode, dtype, part size, "
+                                 "columns or symlink and root rules; use a new --out folder")
     else:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest = {"format": FORMAT, "version": VERSION, "encoder": encoder.describe(), "dim": encoder.dim,
@@ -204,8 +219,9 @@ def _start_or_resume(out: Path, corpus: Corpus, encoder, dtype: str, part_size: 
     for path in out.glob("part-*.parquet"):  # written by a killed run but never committed
         if path.name not in committed:
             path.unlink()
-    for path in out.glob(".*.tmp-*"):
-        path.unlink()
+    for path in out.iterdir():
+        if is_leftover(path) and path.name != LOCK_FILE:
+            path.unlink()
     return manifest
 
 
@@ -279,11 +295,11 @@ class _PartWriter:
                 table = table.append_column(column, pa.array(values, pa.list_(kind)))
             table = table.replace_schema_metadata({"retrieval.dim": str(vectors.shape[1]),
                                                    "retrieval.dtype": self.dtype})
-            entry["sha256"] = write_part(self.out / entry["file"], table)
+            entry |= write_part(self.out / entry["file"], table)
         if bad:
             t = self.corpus.table
             self.errors += [{"position": p, "id": t["id"][p].as_py(), "image": t["image"][p].as_py(),
-                             "text": t["text"][p].as_py(), "error": reason} for p, reason in bad]
+                             "text": excerpt(t["text"][p].as_py()), "error": reason} for p, reason in bad]
             write_errors(self.out, self.errors)
         self.manifest["parts"].append(entry)
         self.manifest["count"] = entry["rows"][1]

@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename into place."""
+"""Atomic file writes (a temporary name in the same folder, fsync, rename, fsync the folder) and folder locks."""
 
 from __future__ import annotations
 
@@ -6,26 +6,87 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from retrieval.errors import RetrievalError
+
+LOCK_FILE = ".lock"
+
+
+def temporary_name(name: str) -> str:
+    return f".{name}.tmp-{os.getpid()}"
+
+
+def is_leftover(path: Path) -> bool:
+    """A temporary file of an atomic write that never finished (its writer was killed), or a lock file."""
+    return path.name == LOCK_FILE or (path.name.startswith(".") and ".tmp-" in path.name)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced (if `durable`) and renamed over `path`."""
+    """Yield a temporary path beside `path`; on success it is fsynced (if `durable`) and renamed over `path`,
+    and the rename itself is made durable by an fsync of the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         yield tmp
-        if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        durable_rename(tmp, path, durable)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def durable_rename(tmp: Path, path: Path, durable: bool = True) -> None:
+    """fsync `tmp` (if `durable`), rename it over `path`, and fsync the folder so that the rename survives too."""
+    if durable:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_out_folder(out: Path, kind: str, is_ours: Callable[[Path], bool]) -> None:
+    """Refuse an --out that is a file, or a folder holding anything but `kind` (or a killed run's leftovers)."""
+    if out.exists() and not out.is_dir():
+        raise RetrievalError(f"--out {out} is a file; give a folder for {kind}")
+    if out.is_dir() and not is_ours(out) and any(not is_leftover(p) for p in out.iterdir()):
+        raise RetrievalError(f"{out} exists and is not {kind}; use a new or empty --out folder")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if needed) for one writing job; a second job is refused.
+    The lock is a POSIX record lock: the kernel drops it with its process however that process ended, and the
+    process's forked children (data-loader workers) do not hold it."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            raise RetrievalError(f"{folder} is in use by another {what}; wait for it to finish, or use another "
+                                 "folder") from None
+        try:
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

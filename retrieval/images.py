@@ -7,13 +7,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from retrieval.errors import RetrievalError
 from retrieval.files import atomic_path
+from retrieval.paths import PathPolicy, PathRefused
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey picture
 MAX_IMAGE_PIXELS = 64_000_000
+ANY_FILE = PathPolicy(os.sep, follow_symlinks=True)  # any regular file (no FIFO or device that would block)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -21,23 +23,30 @@ class ImageReadError(RetrievalError):
     """An image that cannot be used; the message is the reason recorded in errors.parquet."""
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open, check and fully decode an image as RGB, or raise ImageReadError with the reason."""
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, policy: PathPolicy = ANY_FILE
+               ) -> Image.Image:
+    """Open, check and fully decode an image as RGB (see `as_rgb`), or raise ImageReadError with the reason;
+    `policy` says which files may be read (a corpus's root and symlink rules)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        file = policy.open_file(path)
+    except PathRefused as e:
+        raise ImageReadError(f"image refused: {e}") from None
     except FileNotFoundError:
         raise ImageReadError(f"image not found: {path}") from None
     except OSError as e:
         raise ImageReadError(f"cannot read image: {e.strerror or e} ({path})") from None
-    if not path.is_file():
-        raise ImageReadError(f"image path is not a file: {path}")
-    if size == 0:
-        raise ImageReadError(f"empty image file: {path}")
+    with file:
+        if os.fstat(file.fileno()).st_size == 0:
+            raise ImageReadError(f"empty image file: {path}")
+        return _decode(file, path, max_pixels)
+
+
+def _decode(file, path: Path, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(file) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageReadError(
@@ -46,7 +55,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
                 if width == 0 or height == 0:
                     raise ImageReadError(f"image has no pixels: {path}")
                 img.load()
-                return img.convert("RGB")
+                return as_rgb(upright(img))
     except ImageReadError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
@@ -54,6 +63,42 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
     except Exception as e:  # PIL raises many types for corrupt data
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageReadError(f"cannot decode image: {reason} ({path})") from None
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """A decoded file turned the way its EXIF orientation says, as every photo viewer shows it."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block: the pixels as stored, as viewers show them
+        return img
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """The pixels in 8-bit RGB as a viewer shows them: transparency over white (as transformers' CLIP
+    preprocessing does), 16-bit and float samples scaled to 8 bits rather than clipped. (An image given in
+    memory is taken as its pixels: its EXIF orientation is the caller's, applied or not.)"""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16"):
+        return _grey_to_rgb(np.asarray(img), full_scale=65535.0)
+    if img.mode in ("I", "F"):
+        return _grey_to_rgb(np.asarray(img))
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _grey_to_rgb(values: np.ndarray, full_scale: float | None = None) -> Image.Image:
+    """Grey samples scaled from their full scale to 8 bits. Mode I and F files do not say their scale: floats up
+    to 1 are taken as [0, 1], other values as 8-, 16- or 32-bit by their largest sample."""
+    floats = values.dtype.kind == "f"
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+    if full_scale is None:
+        top = float(values.max()) if values.size else 0.0
+        full_scale = 1.0 if floats and top <= 1.0 else next((s for s in (255.0, 65535.0) if top <= s), 4294967295.0)
+    grey = np.round(values.clip(max=full_scale) * (255.0 / full_scale)).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def image_to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

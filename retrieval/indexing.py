@@ -1,20 +1,39 @@
-"""`retrieval index build`: an embedding store (or a corpus, encoded first) → index.faiss + index.json."""
+"""`retrieval index build`: an embedding store (or a corpus, encoded first) → an index folder.
+
+The folder holds `index-<sha>.faiss` files and `index.json`, which names the one in use (with its size and
+checksum) and says what it is. A build writes its new index file under a new name, then replaces index.json
+in one atomic rename: that rename is the commit. A reader sees the old pair or the new pair, never a mix; a
+build killed at any moment leaves the last committed pair, and the next build clears what the killed one left.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from retrieval.errors import RetrievalError
-from retrieval.files import atomic_path, write_json
+from retrieval.files import (
+    LOCK_FILE,
+    check_out_folder,
+    durable_rename,
+    folder_lock,
+    is_leftover,
+    sha256_file,
+    temporary_name,
+    write_json,
+)
 from retrieval.store import EmbeddingStore
 
-INDEX_FILE = "index.faiss"
 INDEX_JSON = "index.json"
 INDEX_FORMAT = "retrieval.index"
+INDEX_VERSION = 2
+FILE_DIGEST = 16  # hex digits of the checksum in an index file's name
 RECALL_QUERIES = 1000
 
 
@@ -60,15 +79,31 @@ def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model:
                        target_recall: float = 0.95, progress: bool = True,
                        encode_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build an index folder and return what index.json records."""
+    out = Path(out)
+    check_out_folder(out, "an index folder", is_index_folder)
+    with folder_lock(out, "index build"):
+        return _build(source, out, model, index_key, device, memory_budget, target_recall, progress,
+                      encode_options or {})
+
+
+def is_index_folder(folder: Path) -> bool:
+    """An index folder, or what a killed first build left of one (its store, an index file not yet committed)."""
+    return ((folder / INDEX_JSON).is_file() or (folder / "store").is_dir()
+            or any(FILE_NAME.fullmatch(p.name) for p in folder.iterdir()))
+
+
+def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: str, device: str,
+           memory_budget: str, target_recall: float, progress: bool, encode_options: dict[str, Any]
+           ) -> dict[str, Any]:
     import faiss
 
     from indexers.build import build_index
     from indexers.choose import IndexChoice, choose_index, estimate_bytes, parse_memory
     from indexers.gpu import resolve_faiss_device
 
-    out = Path(out)
     started = time.perf_counter()
-    store = open_source(source, out, model, encode_options or {}, progress)
+    clear_leftovers(out)
+    store = open_source(source, out, model, encode_options, progress)
     store.require_complete()
     n, dim = store.count, store.dim
     if n == 0:
@@ -85,12 +120,12 @@ def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model:
                         sample_vectors=lambda m: store.sample(m, seed=1)[1],
                         recall_queries=recall_queries, recall_rows=recall_rows,
                         device=device, target_recall=target_recall, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / INDEX_FILE) as tmp:
-        faiss.write_index(built.index, str(tmp))
+    index_file, index_sha256 = write_index_file(built.index, out)
     info = {
         "format": INDEX_FORMAT,
-        "version": 1,
+        "version": INDEX_VERSION,
+        "file": index_file.name,
+        "file_sha256": index_sha256,
         "index_key": choice.key,
         "factory": built.factory,
         "choice": choice.reason,
@@ -103,9 +138,8 @@ def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model:
         "target_recall": target_recall,
         "memory_budget": memory_budget,
         "estimated_bytes": choice.bytes,
-        "index_bytes": (out / INDEX_FILE).stat().st_size,
-        "store": {"path": store_location(store.path, out), "fingerprint": store.fingerprint(), "count": n,
-                  "files": store.file_stats()},
+        "index_bytes": index_file.stat().st_size,
+        "store": {"path": store_location(store.path, out), "fingerprint": store.fingerprint(), "count": n},
         "encoder": store.encoder,
         "faiss_version": faiss.__version__,
         "device": built.device,
@@ -114,5 +148,98 @@ def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model:
         "notes": list(dict.fromkeys(notes + built.notes)),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json(out / INDEX_JSON, info)
+    write_json(out / INDEX_JSON, info)  # the commit
+    clear_leftovers(out)
     return info
+
+
+def write_index_file(index, out: Path) -> tuple[Path, str]:
+    """Write the index durably under a name made from its checksum, never over the committed file (unless it
+    is the very same bytes); returns its path and sha256."""
+    import faiss
+
+    tmp = out / temporary_name("index.faiss")
+    try:
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as e:  # FAISS reports a failed write (a full disk) this way
+            raise OSError(errno.EIO, f"FAISS could not write the index ({str(e).strip().splitlines()[-1]})",
+                          str(tmp)) from None
+        digest = sha256_file(tmp)
+        final = out / f"index-{digest[:FILE_DIGEST]}.faiss"
+        durable_rename(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final, digest
+
+
+def clear_leftovers(out: Path) -> None:
+    """Remove what a killed build left: temporary files and index files that index.json does not name."""
+    if not out.is_dir():
+        return
+    try:
+        keep = read_index_json(out).get("file")
+    except RetrievalError:
+        keep = None
+    for path in out.iterdir():
+        stale_index = path.suffix == ".faiss" and path.name != keep
+        if (is_leftover(path) and path.name != LOCK_FILE) or stale_index:
+            path.unlink()
+
+
+# What a reader needs from index.json, with its type; a folder whose index.json lacks one is refused whole.
+REQUIRED = {"format": str, "version": int, "count": int, "dim": int, "search_params": str, "store": dict,
+            "encoder": dict}
+REQUIRED_IN = {"store": {"path": str, "fingerprint": str}, "encoder": {"name": str, "weights_sha256": str}}
+FILE_NAME = re.compile(rf"index(-[0-9a-f]{{{FILE_DIGEST}}})?\.faiss")
+
+
+def read_index_json(folder: str | os.PathLike) -> dict[str, Any]:
+    """index.json of an index folder, checked: every field a reader relies on is there, with its type."""
+    path = Path(folder) / INDEX_JSON
+    if not path.is_file():
+        raise RetrievalError(f"{folder} is not an index folder (no {INDEX_JSON}); build one with "
+                             "`retrieval index build`")
+    try:
+        info = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RetrievalError(f"{path} is not valid JSON ({e}); rebuild the index") from None
+    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
+        raise RetrievalError(f"{path} is not an index manifest")
+    if info.get("version") == 1:  # before index files were named by their checksum
+        info = {"file": "index.faiss", "file_sha256": None} | info
+    problems = [f"{key} ({kind.__name__})" for key, kind in REQUIRED.items() if not _is(info.get(key), kind)]
+    problems += [f"{outer}.{key} ({kind.__name__})" for outer, fields in REQUIRED_IN.items()
+                 if isinstance(info.get(outer), dict) for key, kind in fields.items()
+                 if not _is(info[outer].get(key), kind)]
+    if not (isinstance(info.get("file"), str) and FILE_NAME.fullmatch(info["file"])):
+        problems.append("file (an index-<sha>.faiss name)")
+    if not problems and (info["count"] < 0 or info["dim"] <= 0):
+        problems.append("count ≥ 0 and dim > 0")
+    if problems:
+        raise RetrievalError(f"{path} is malformed: missing or wrong {', '.join(problems)}; rebuild the index")
+    return info
+
+
+def _is(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def read_index_file(folder: str | os.PathLike, info: dict[str, Any]):
+    """The FAISS index that `info` names, checked against its recorded size, checksum, dim and count."""
+    import faiss
+
+    path = Path(folder) / info["file"]
+    size = path.stat().st_size  # FileNotFoundError: a build committed since index.json was read (the caller retries)
+    if size != info.get("index_bytes", size) or (info["file_sha256"] and sha256_file(path) != info["file_sha256"]):
+        raise RetrievalError(f"{path} is damaged: its size or checksum differs from {INDEX_JSON}; rebuild the index")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise RetrievalError(f"{path} is not a readable FAISS index ({str(e).strip().splitlines()[-1]}); "
+                             "rebuild the index") from None
+    if index.d != info["dim"] or index.ntotal != info["count"]:
+        raise RetrievalError(f"{path} does not match {INDEX_JSON} (dim {index.d}, {index.ntotal} vectors); "
+                             "rebuild the index")
+    return index

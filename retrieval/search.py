@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import RetrievalError
-from retrieval.files import read_json
-from retrieval.indexing import INDEX_FILE, INDEX_FORMAT, INDEX_JSON
+from retrieval.indexing import INDEX_JSON, read_index_file, read_index_json
 from retrieval.store import EmbeddingStore
 
 EXACT_FILTER_MAX = 20_000  # allowed rows up to this are searched exactly
@@ -60,19 +59,14 @@ class SearchIndex:
         from retrieval.encoders.registry import list_configs
 
         self.path = Path(path)
-        if not (self.path / INDEX_JSON).is_file():
-            raise RetrievalError(f"{self.path} is not an index folder (no {INDEX_JSON}); "
-                                 "build one with `retrieval index build`")
-        self.info = read_json(self.path / INDEX_JSON)
-        if self.info.get("format") != INDEX_FORMAT:
-            raise RetrievalError(f"{self.path / INDEX_JSON} is not an index manifest")
+        self.info, self.index = open_index_files(self.path)
         store_path = Path(self.info["store"]["path"])
         self.store = EmbeddingStore(store_path if store_path.is_absolute() else self.path / store_path)
         self._metadata = None
-        if self.store.fingerprint() != self.info["store"]["fingerprint"] or self.store.changed_parts(
-                self.info["store"].get("files", {})):
+        if self.store.fingerprint() != self.info["store"]["fingerprint"]:
             raise RetrievalError(f"the store {self.store.path} changed since this index was built; "
                                  f"rebuild it with `retrieval index build {self.store.path} --out {self.path}`")
+        self.store.require_intact()
         recorded = self.info["encoder"]
         if model is None:
             checkpoint = recorded.get("checkpoint")
@@ -95,11 +89,13 @@ class SearchIndex:
             raise RetrievalError(f"this index holds {self.composed_rows()} items with an image and a text, embedded "
                                  f"with fusion {built_with!r}; search it with that fusion, or rebuild the index "
                                  f"with --fusion {self.encoder.fusion_mode}")
-        self.index = faiss.read_index(str(self.path / INDEX_FILE))
-        if self.index.d != self.info["dim"] or self.index.ntotal != self.info["count"]:
-            raise RetrievalError(f"{self.path / INDEX_FILE} does not match {INDEX_JSON}; rebuild the index")
-        if self.info.get("search_params"):
-            faiss.ParameterSpace().set_index_parameters(self.index, self.info["search_params"])
+        if self.info["search_params"]:
+            try:
+                faiss.ParameterSpace().set_index_parameters(self.index, self.info["search_params"])
+            except RuntimeError:
+                raise RetrievalError(f"{self.path / INDEX_JSON} has search_params {self.info['search_params']!r}, "
+                                     f"which its index ({self.info['file']}) does not take; rebuild the index"
+                                     ) from None
         self.gpu_index = None
         if self.encoder.device.startswith("cuda"):
             from indexers.gpu import supports_gpu, to_gpu
@@ -168,18 +164,10 @@ class SearchIndex:
         return scores, rows
 
     def filter_rows(self, where: str) -> np.ndarray:
-        """Row ids whose metadata satisfy a DuckDB SQL predicate."""
-        import duckdb
+        """Row ids whose metadata satisfy a SQL predicate (checked and sandboxed: retrieval.filters)."""
+        from retrieval.filters import filter_rows
 
-        con = duckdb.connect()
-        try:
-            con.register("store", self.metadata)
-            result = con.sql(f"SELECT row FROM store WHERE ({where}) ORDER BY row").fetchnumpy()
-        except duckdb.Error as e:
-            raise RetrievalError(f"invalid --where filter {where!r}: {str(e).splitlines()[0]}") from None
-        finally:
-            con.close()
-        return np.asarray(result["row"], dtype=np.int64)
+        return filter_rows(self.metadata, where)
 
     def _index_search(self, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
         from indexers.gpu import GPU_MAX_K
@@ -267,6 +255,20 @@ def selector_params(index, selector, search_params: str | None):
     if isinstance(inner, faiss.IndexIVF) and not isinstance(index, faiss.IndexIDMap2):
         return faiss.SearchParametersIVF(sel=selector, nprobe=int(knobs.get("nprobe", 1)))
     return None
+
+
+def open_index_files(folder: Path, attempts: int = 3):
+    """index.json and the FAISS index it names, read as one pair: when a build commits in between (the file
+    named is gone), index.json is read again."""
+    for attempt in range(attempts):
+        info = read_index_json(folder)
+        try:
+            return info, read_index_file(folder, info)
+        except FileNotFoundError:
+            if attempt == attempts - 1 or read_index_json(folder) == info:
+                raise RetrievalError(f"{folder / info['file']}, named by index.json, is missing; rebuild the index"
+                                     ) from None
+    raise AssertionError("unreachable")
 
 
 def open_index(path: str | os.PathLike, device: str = "auto", model: str | None = None,

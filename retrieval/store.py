@@ -3,12 +3,18 @@
 Each row: `row` (int64, dense and unique across the store), `id`, `image`, `text`, the corpus's
 metadata columns, and `embedding` (a fixed-size list of float32 or float16, L2-normalised).
 The manifest lists the committed parts in order; a part is only part of the store once listed.
+
+Damage is caught at three depths: opening a store for search checks each part's size and the checksum of its
+last bytes (the Parquet footer); every read verifies the CRC of each page it decodes and that each vector is
+still a unit vector; `retrieval store verify` checks the whole of every file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,8 @@ VERSION = 1
 MANIFEST = "manifest.json"
 ERRORS = "errors.parquet"
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
+TAIL_BYTES = 65536  # the end of a part checked on open: the footer and the last pages
+UNIT_TOLERANCE = 1e-2  # |‖v‖² − 1| allowed (float16 rounding is about 1e-3)
 
 
 def part_name(index: int) -> str:
@@ -45,11 +53,27 @@ def vectors_of(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     return values.reshape(-1, dim).astype(np.float32, copy=False)
 
 
-def write_part(path: Path, table: pa.Table) -> str:
-    """Write one part atomically; returns its sha256."""
+def write_part(path: Path, table: pa.Table) -> dict[str, Any]:
+    """Write one part atomically, with page checksums; returns what the manifest records of it."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=8192)
-    return sha256_file(path)
+        pq.write_table(table, tmp, row_group_size=8192, write_page_checksum=True)
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size, "tail_sha256": tail_sha256(path)}
+
+
+def tail_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - TAIL_BYTES))
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_unit(vectors: np.ndarray, where: Path) -> np.ndarray:
+    """The vectors, if every one is a unit vector; a damaged part is refused rather than scored."""
+    norms = np.einsum("ij,ij->i", vectors, vectors)
+    bad = ~(np.abs(norms - 1.0) <= UNIT_TOLERANCE)  # NaN counts as bad
+    if bad.any():
+        raise RetrievalError(f"{where} is damaged: {int(bad.sum())} stored vectors are not unit vectors "
+                             f"(squared norm {norms[bad][0]:.4g}); run `retrieval store verify` and encode again")
+    return vectors
 
 
 class EmbeddingStore:
@@ -60,9 +84,14 @@ class EmbeddingStore:
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise RetrievalError(f"{self.path} is not an embedding store (no {MANIFEST})")
-        self.manifest: dict[str, Any] = read_json(manifest_path)
-        if self.manifest.get("format") != FORMAT:
+        try:
+            self.manifest: dict[str, Any] = read_json(manifest_path)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RetrievalError(f"{manifest_path} is not valid JSON ({e})") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise RetrievalError(f"{manifest_path} is not an embedding-store manifest")
+        if problem := manifest_problem(self.manifest):
+            raise RetrievalError(f"{manifest_path} is malformed: {problem}")
 
     @staticmethod
     def is_store(path: str | os.PathLike) -> bool:
@@ -85,8 +114,13 @@ class EmbeddingStore:
         return bool(self.manifest.get("complete"))
 
     @property
+    def parts(self) -> list[dict[str, Any]]:
+        """The committed parts that hold rows."""
+        return [p for p in self.manifest["parts"] if p["count"] > 0]
+
+    @property
     def part_paths(self) -> list[Path]:
-        return [self.path / p["file"] for p in self.manifest["parts"] if p["count"] > 0]
+        return [self.path / p["file"] for p in self.parts]
 
     def fingerprint(self) -> str:
         """Changes whenever any committed part or the encoder changes."""
@@ -95,17 +129,35 @@ class EmbeddingStore:
             h.update(f"{part['file']}:{part['count']}:{part['sha256']}\n".encode())
         return h.hexdigest()
 
-    def file_stats(self) -> dict[str, list[int]]:
-        """(size, mtime_ns) of each part file: a cheap first check that no part was rewritten."""
-        stats = {p.name: p.stat() for p in self.part_paths}
-        return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
+    def damaged_parts(self, full: bool = False) -> list[str]:
+        """Parts whose file differs from the manifest, each with why. Cheap by default (size and the checksum
+        of the last TAIL_BYTES; parts of stores written before that was recorded are hashed whole); `full`
+        hashes every file whole and decodes it, checking page checksums and unit norms."""
+        problems = []
+        for part in self.parts:
+            path = self.path / part["file"]
+            try:
+                size = path.stat().st_size
+                if size != part.get("bytes", size):
+                    problems.append(f"{part['file']}: {size} bytes, the manifest says {part['bytes']}")
+                elif (full or "tail_sha256" not in part) and sha256_file(path) != part["sha256"]:
+                    problems.append(f"{part['file']}: its checksum differs from the manifest")
+                elif not full and tail_sha256(path) != part["tail_sha256"]:
+                    problems.append(f"{part['file']}: its footer checksum differs from the manifest")
+                elif full:
+                    for batch in self._batches(path, ["embedding"], 65536):
+                        self._vectors(batch, path)
+            except FileNotFoundError:
+                problems.append(f"{part['file']}: missing")
+            except RetrievalError as e:
+                problems.append(f"{part['file']}: {e}")
+        return problems
 
-    def changed_parts(self, recorded: dict[str, list[int]]) -> list[str]:
-        """Parts whose file no longer matches its manifest checksum (hashing only those whose stat changed)."""
-        sha = {p["file"]: p["sha256"] for p in self.manifest["parts"]}
-        now = self.file_stats()
-        return [name for name, stat in now.items()
-                if stat != recorded.get(name) and sha256_file(self.path / name) != sha[name]]
+    def require_intact(self) -> None:
+        """Refuse a store one of whose parts fails the cheap check, naming it."""
+        if problems := self.damaged_parts():
+            raise RetrievalError(f"store {self.path} is damaged ({problems[0]}); check it with "
+                                 f"`retrieval store verify {self.path}` and encode the corpus again")
 
     def require_complete(self) -> None:
         if not self.complete:
@@ -115,31 +167,39 @@ class EmbeddingStore:
     def iter_batches(self, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream (row ids int64 [n], vectors float32 [n, dim]) in row order, a bounded batch at a time."""
         for path in self.part_paths:
-            parquet = pq.ParquetFile(path)
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=["row", "embedding"]):
-                yield (batch.column("row").to_numpy().astype(np.int64, copy=False),
-                       vectors_of(batch.column("embedding"), self.dim))
+            for batch in self._batches(path, ["row", "embedding"], batch_rows):
+                yield batch.column("row").to_numpy().astype(np.int64, copy=False), self._vectors(batch, path)
 
     def read_vectors(self, rows: np.ndarray) -> np.ndarray:
         """Vectors of the given row ids, in the given order, reading only the row groups that hold them."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.dim), np.float32)
-        for part in self.manifest["parts"]:
+        for part in self.parts:
             lo, hi = part["rows"]
             hit = np.flatnonzero((rows >= lo) & (rows < hi))
             if not len(hit):
                 continue
-            parquet = pq.ParquetFile(self.path / part["file"])
-            offsets = rows[hit] - lo
-            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-            starts = np.concatenate([[0], np.cumsum(sizes)])
-            group_of = np.searchsorted(starts, offsets, side="right") - 1
-            groups = np.unique(group_of)
-            column = parquet.read_row_groups(groups.tolist(), columns=["embedding"])["embedding"]
-            read_starts = np.concatenate([[0], np.cumsum(np.diff(starts)[groups])[:-1]])
-            local = read_starts[np.searchsorted(groups, group_of)] + offsets - starts[group_of]
-            out[hit] = vectors_of(column.take(pa.array(local)), self.dim)
+            path = self.path / part["file"]
+            with reading(path):
+                parquet = pq.ParquetFile(path, page_checksum_verification=True)
+                offsets = rows[hit] - lo
+                sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+                starts = np.concatenate([[0], np.cumsum(sizes)])
+                group_of = np.searchsorted(starts, offsets, side="right") - 1
+                groups = np.unique(group_of)
+                table = parquet.read_row_groups(groups.tolist(), columns=["embedding"])
+                read_starts = np.concatenate([[0], np.cumsum(np.diff(starts)[groups])[:-1]])
+                local = read_starts[np.searchsorted(groups, group_of)] + offsets - starts[group_of]
+                out[hit] = self._vectors(table.take(pa.array(local)), path)
         return out
+
+    def _batches(self, path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        with reading(path):
+            parquet = pq.ParquetFile(path, page_checksum_verification=True)
+            yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
+
+    def _vectors(self, batch: pa.RecordBatch | pa.Table, path: Path) -> np.ndarray:
+        return check_unit(vectors_of(batch.column("embedding"), self.dim), path)
 
     def sample(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """A uniform random sample of at most n (row ids, vectors), read part by part."""
@@ -152,8 +212,11 @@ class EmbeddingStore:
         """Every column but the embedding and extra columns (sparse codes), for all rows in row order
         (row == position in this table)."""
         skip = {"embedding", *self.manifest.get("extra_columns", [])}
-        columns = [c for c in pq.read_schema(self.part_paths[0]).names if c not in skip]
-        tables = [pq.read_table(p, columns=columns) for p in self.part_paths]
+        tables = []
+        for path in self.part_paths:
+            with reading(path):
+                columns = [c for c in pq.read_schema(path).names if c not in skip]
+                tables.append(pq.read_table(path, columns=columns, page_checksum_verification=True))
         return pa.concat_tables(tables) if tables else pa.table({})
 
     def sql_source(self) -> str:
@@ -164,3 +227,39 @@ class EmbeddingStore:
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     write_json(path / MANIFEST, manifest)
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn a failed read of a part (missing, truncated, a bad page checksum, garbage) into one clear error."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise RetrievalError(f"part {path} is missing; run `retrieval store verify {path.parent}`") from None
+    except (OSError, pa.ArrowException) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RetrievalError(f"part {path} is damaged ({reason}); run `retrieval store verify {path.parent}` "
+                             "and encode the corpus again") from None
+
+
+PART_FIELDS = {"file": str, "count": int, "rows": list}
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with a store manifest's fields that readers rely on, or None."""
+    for key, kind in (("dim", int), ("count", int), ("parts", list), ("encoder", dict)):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            return f"missing or wrong {key} ({kind.__name__})"
+    if not isinstance(manifest["encoder"].get("weights_sha256"), str) or manifest["dim"] <= 0:
+        return "the encoder's weights_sha256 or the dim is missing"
+    expected_row = 0
+    for i, part in enumerate(manifest["parts"]):
+        if not isinstance(part, dict) or any(not isinstance(part.get(k), t) for k, t in PART_FIELDS.items()):
+            return f"part entry {i} lacks file, count or rows"
+        if not re.fullmatch(r"part-\d{5,}\.parquet", part["file"]) or part["rows"] != [expected_row,
+                                                                                   expected_row + part["count"]]:
+            return f"part entry {i} ({part['file']!r}) has a bad file name or row range"
+        expected_row += part["count"]
+    if expected_row != manifest["count"]:
+        return f"its parts hold {expected_row} rows but count says {manifest['count']}"
+    return None

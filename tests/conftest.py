@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,38 @@ def run_cli(*args: str | os.PathLike, check: bool = True, timeout: float = 300) 
     if check and proc.returncode != 0:
         raise AssertionError(f"retrieval {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+STRACE = shutil.which("strace")
+DURABILITY_CALLS = ("rename", "renameat", "renameat2", "fsync", "fdatasync")
+needs_strace = pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
+
+
+def durability_calls(*args: str | os.PathLike, log: Path) -> list[tuple[str, int]]:
+    """The renames and fsyncs a CLI run performs, in order, each as (syscall, its count so far): what
+    `kill_at` needs to stop a run at exactly that call. All must come from the one process."""
+    subprocess.run([STRACE, "-f", "-qq", "-o", str(log), "-e", "trace=" + ",".join(DURABILITY_CALLS),
+                    str(RETRIEVAL), *map(str, args)], check=True, capture_output=True,
+                   env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}, timeout=300)
+    calls, counts, pids = [], {}, set()
+    for line in log.read_text().splitlines():
+        pid, _, rest = line.partition(" ")
+        name = rest.strip().split("(")[0]
+        if name in DURABILITY_CALLS:  # a call's entry (an `<unfinished ...>` line too; `resumed` lines are not)
+            pids.add(pid)
+            counts[name] = counts.get(name, 0) + 1
+            calls.append((name, counts[name]))
+    assert len(pids) <= 1, f"renames and fsyncs came from several processes: {pids}"
+    return calls
+
+
+def kill_at(call: tuple[str, int], *args: str | os.PathLike) -> subprocess.CompletedProcess:
+    """Run the CLI and SIGKILL it as it makes that rename or fsync (the call does not happen)."""
+    name, nth = call
+    return subprocess.run([STRACE, "-f", "-qq", "-o", os.devnull, "-e", f"trace={name}",
+                           "-e", f"inject={name}:signal=SIGKILL:when={nth}", str(RETRIEVAL), *map(str, args)],
+                          capture_output=True, text=True, env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"},
+                          timeout=300)
 
 
 @pytest.fixture(scope="session")

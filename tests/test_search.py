@@ -151,7 +151,10 @@ def test_index_json_records_what_search_needs(kind, built, shapes_store, encoder
     assert info["ann_recall_queries"] == 30  # a tenth of the store, held out of the index while tuning
     assert info["encoder"]["name"] == "test-tiny"
     assert info["encoder"]["weights_sha256"] == encoder.weights_sha256
-    assert (index / "index.faiss").stat().st_size == info["index_bytes"] > 0
+    index_file = index / info["file"]
+    assert index_file.stat().st_size == info["index_bytes"] > 0
+    assert hashlib.sha256(index_file.read_bytes()).hexdigest() == info["file_sha256"]
+    assert sorted(p.name for p in index.glob("*.faiss")) == [info["file"]]
     store_path = Path(info["store"]["path"])
     if kind.startswith("corpus"):
         assert store_path == Path("store"), "a store inside the index folder is recorded relative to it"
@@ -377,7 +380,7 @@ def test_search_refuses_a_part_file_changed_after_the_build(copied_store_index, 
                                     embedding.take(np.arange(len(embedding))[::-1].copy())), part)
     item = pick(unique_items, "train", 0)
     proc = run_cli("search", "--index", index, "--text", item["text"], check=False)
-    assert_refused(proc, "changed since this index was built")
+    assert_refused(proc, "is damaged", part.name, "retrieval store verify")
 
 
 def test_search_refuses_a_store_encoded_again(copied_store_index, shapes_corpus, unique_items):

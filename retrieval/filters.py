@@ -1,0 +1,121 @@
+"""`where` filters: one SQL predicate over a table's columns, checked and run by DuckDB in a sandbox.
+
+The filter may come from anyone (a server passes it through), so it is held to a predicate and nothing more:
+- it is parsed first, wrapped as `SELECT row FROM store WHERE (<where>)`; the parse must be that one SELECT,
+  unchanged around the predicate, so a `)` breakout, a second statement or a set operation is refused;
+- inside, only expressions are allowed: no subquery (so no table function, no file or catalog read), no
+  window, no `*`, no parameter, and none of the functions that build large values out of constants;
+- it runs on its own in-memory connection with external access off (no file, extension or network) and
+  the configuration locked, and it is interrupted after `FILTER_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import RetrievalError
+
+FILTER_SECONDS = 10.0
+MAX_FILTER_CHARS = 10_000
+ALLOWED_CLASSES = {"BETWEEN", "CASE", "CAST", "COLLATE", "COLUMN_REF", "COMPARISON", "CONJUNCTION", "CONSTANT",
+                   "FUNCTION", "LAMBDA", "LAMBDA_REF", "OPERATOR", "TYPE"}
+# Functions that turn a small constant into a huge value (memory is not bounded per expression), or that
+# read the engine's own state rather than the store's columns.
+REFUSED_FUNCTIONS = {"range", "generate_series", "repeat", "lpad", "rpad", "list_resize", "array_resize", "bar",
+                     "printf", "format", "current_setting", "getvariable", "query", "query_table"}
+SANDBOX = {"enable_external_access": False, "autoload_known_extensions": False,
+           "autoinstall_known_extensions": False, "allow_community_extensions": False,
+           "allow_unsigned_extensions": False, "memory_limit": "2GB", "lock_configuration": True}
+
+
+def filter_rows(table, where: str, column: str = "row") -> np.ndarray:
+    """The values of `column` (int64, ascending) of the rows of an Arrow `table` that satisfy `where`."""
+    import duckdb
+
+    con = duckdb.connect(config=SANDBOX)
+    timer = threading.Timer(FILTER_SECONDS, con.interrupt)
+    try:
+        query = checked_query(con, where, column)
+        con.register("store", table)
+        timer.start()
+        result = con.execute(query).fetchnumpy()
+    except duckdb.InterruptException:
+        raise RetrievalError(f"--where filter took longer than {FILTER_SECONDS:g} s and was stopped") from None
+    except duckdb.Error as e:
+        raise RetrievalError(f"invalid --where filter: {first_line(e)}") from None
+    finally:
+        timer.cancel()
+        con.close()
+    return np.sort(np.asarray(result[column], dtype=np.int64))
+
+
+def checked_query(con, where: str, column: str = "row") -> str:
+    """`SELECT column FROM store WHERE (where)`, once `where` is known to be one allowed predicate; the very
+    text that was checked is the text to run."""
+    if not isinstance(where, str) or not where.strip():
+        raise RetrievalError("invalid --where filter: it is empty")
+    if len(where) > MAX_FILTER_CHARS:
+        raise RetrievalError(f"invalid --where filter: {len(where)} characters > limit {MAX_FILTER_CHARS}")
+    if "\x00" in where:
+        raise RetrievalError("invalid --where filter: it holds a NUL character")
+    query = f"SELECT {column} FROM store WHERE ({where})"
+    parsed = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchall()[0][0])
+    if parsed.get("error"):
+        message = parsed.get("error_message", "")
+        if "Only SELECT" in message or "multiple" in message.lower():
+            raise RetrievalError("invalid --where filter: it must be one predicate, not statements")
+        raise RetrievalError(f"invalid --where filter: {message.splitlines()[0] if message else 'cannot parse'}")
+    statements = parsed["statements"]
+    node = statements[0]["node"] if len(statements) == 1 else {}
+    if not _is_plain_select(node, column):
+        raise RetrievalError("invalid --where filter: it must be one predicate over the store's columns "
+                             "(no ')' breakout, second statement, UNION, ORDER BY or LIMIT)")
+    _check_expression(node["where_clause"])
+    return query
+
+
+def _is_plain_select(node: dict[str, Any], column: str) -> bool:
+    """Whether the parse is exactly `SELECT <column> FROM store WHERE (...)`."""
+    if node.get("type") != "SELECT_NODE" or node.get("modifiers") or node.get("cte_map", {}).get("map"):
+        return False
+    select = node.get("select_list", [])
+    source = node.get("from_table", {})
+    return (len(select) == 1 and select[0].get("class") == "COLUMN_REF" and select[0].get("column_names") == [column]
+            and source.get("type") == "BASE_TABLE" and source.get("table_name") == "store"
+            and not source.get("schema_name") and not source.get("catalog_name")
+            and node.get("where_clause") is not None and not node.get("group_expressions")
+            and not node.get("group_sets") and node.get("having") is None and node.get("qualify") is None
+            and node.get("sample") is None)
+
+
+def _check_expression(value: Any) -> None:
+    """Walk the parsed expression; every node must be an allowed expression class and function."""
+    if isinstance(value, list):
+        for item in value:
+            _check_expression(item)
+        return
+    if not isinstance(value, dict):
+        return
+    if "class" in value:
+        kind = value["class"]
+        if kind == "SUBQUERY":
+            raise RetrievalError("invalid --where filter: subqueries are not allowed; filter on the store's columns")
+        if kind not in ALLOWED_CLASSES:
+            raise RetrievalError(f"invalid --where filter: {kind.lower().replace('_', ' ')} expressions are not "
+                                 "allowed")
+        name = str(value.get("function_name", "")).lower()
+        if kind == "FUNCTION" and name in REFUSED_FUNCTIONS:
+            raise RetrievalError(f"invalid --where filter: function {name}() is not allowed in a filter")
+    elif str(value.get("type", "")).endswith("_NODE"):  # a query nested anywhere
+        raise RetrievalError("invalid --where filter: subqueries are not allowed; filter on the store's columns")
+    for item in value.values():
+        _check_expression(item)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,142 @@
+"""`where` filters are one predicate over the store's columns and nothing more: hostile filters read no file,
+write none, load nothing and say nothing of what they tried to read; ordinary SQL predicates still work.
+
+Each hostile payload goes through the Python API (`open_index(...).search(where=...)`, as a server would call
+it) on a real index of the session store; the first few also through the real CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+import retrieval
+from retrieval import RetrievalError
+from retrieval.indexing import build_index_folder
+
+SECRET = "s3cret-9f1c2e-do-not-print"
+
+
+@pytest.fixture(scope="module")
+def sandbox(shapes_store, tmp_path_factory):
+    """An index of the session store, a secret file, and a folder no filter may write into."""
+    root = tmp_path_factory.mktemp("filters")
+    build_index_folder(shapes_store, root / "index", progress=False)
+    secret = root / "secret.txt"
+    secret.write_text(SECRET + "\n")
+    (root / "out").mkdir()
+    return root / "index", secret, root / "out"
+
+
+def payloads(secret: Path, out: Path) -> dict[str, str]:
+    """Name → a filter that tries to get out of the predicate."""
+    s, o = str(secret), str(out)
+    breakout = "1=1); {}; SELECT row FROM store WHERE (1=1"
+    return {
+        "subquery file read": f"(SELECT content FROM read_text('{s}')) LIKE '%s3cret%'",
+        "subquery file read in a function": f"length((SELECT content FROM read_text('{s}'))) > 0",
+        "csv read": f"id IN (SELECT * FROM read_csv('{s}'))",
+        "glob": f"(SELECT count(*) FROM glob('{Path(s).parent}/*')) > 0",
+        "COPY breakout": breakout.format(f"COPY store TO '{o}/stolen.csv'"),
+        "COPY breakout with comment": f"1=1); COPY store TO '{o}/stolen2.csv' --",
+        "ATTACH breakout": breakout.format(f"ATTACH '{o}/new.db' AS x"),
+        "INSTALL breakout": breakout.format("INSTALL httpfs"),
+        "LOAD breakout": breakout.format("LOAD httpfs"),
+        "SET breakout": breakout.format("SET enable_external_access = true"),
+        "PRAGMA breakout": breakout.format("PRAGMA database_list"),
+        "UNION": f"1=1) UNION SELECT 1 FROM read_text('{s}') WHERE (1=1",
+        "ORDER BY breakout": "1=1) ORDER BY (1",
+        "second statement": f"split = 'test'; COPY store TO '{o}/stolen3.csv'",
+        "query()": f"(SELECT count(*) FROM query('SELECT * FROM read_text(''{s}'')')) > 0",
+        "scalar read_text": f"read_text('{s}') IS NOT NULL",
+        "settings": "current_setting('temp_directory') <> ''",
+        "huge value": "list_sum(range(0, 100000000)) > 0",
+        "window": "row_number() OVER () > 1",
+    }
+
+
+def assert_nothing_leaked(message: str, out: Path) -> None:
+    assert SECRET not in message and "s3cret" not in message.replace("'%s3cret%'", "")
+    assert list(out.iterdir()) == [], "a filter wrote a file"
+
+
+@pytest.fixture(scope="module")
+def index(sandbox):
+    return retrieval.open_index(sandbox[0], device="cpu")
+
+
+@pytest.mark.parametrize("name", list(payloads(Path("s"), Path("o"))))
+def test_hostile_filter_is_refused_through_the_python_api(name, index, sandbox):
+    _, secret, out = sandbox
+    where = payloads(secret, out)[name]
+    with pytest.raises(RetrievalError, match="^invalid --where filter") as refused:
+        index.search(text="a red circle", k=5, where=where)
+    assert_nothing_leaked(str(refused.value), out)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["subquery file read", "glob", "COPY breakout", "ATTACH breakout",
+                                  "INSTALL breakout"])
+def test_hostile_filter_is_one_error_line_from_the_cli(name, sandbox):
+    index, secret, out = sandbox
+    proc = run_cli("search", "--index", index, "--text", "a red circle", "--where",
+                   payloads(secret, out)[name], check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid --where filter"), proc.stderr
+    assert_nothing_leaked(proc.stderr, out)
+
+
+def test_the_sandbox_itself_refuses_files_even_past_the_parser(sandbox):
+    """Defence in depth: were a payload to get past the predicate check, the connection reads no file."""
+    import duckdb
+
+    from retrieval.filters import SANDBOX
+
+    _, secret, out = sandbox
+    con = duckdb.connect(config=SANDBOX)
+    for statement in (f"SELECT * FROM read_text('{secret}')", f"COPY (SELECT 1) TO '{out}/x.csv'",
+                      f"ATTACH '{out}/x.db'", "SET enable_external_access = true", "INSTALL httpfs"):
+        with pytest.raises(duckdb.Error) as refused:
+            con.execute(statement).fetchall()
+        assert SECRET not in str(refused.value)
+    assert list(out.iterdir()) == []
+
+
+ORDINARY = {  # filter → the same predicate over a corpus record, in Python
+    "split = 'test'": lambda r: r["split"] == "test",
+    "n_objects BETWEEN 2 AND 3 AND split IN ('train', 'val')":
+        lambda r: 2 <= r["n_objects"] <= 3 and r["split"] in ("train", "val"),
+    "id LIKE 'shapes-0001%'": lambda r: r["id"].startswith("shapes-0001"),
+    "regexp_matches(shapes, '^cross')": lambda r: r["shapes"].startswith("cross"),
+    "list_contains(string_split(colours, ' '), 'red')": lambda r: "red" in r["colours"].split(" "),
+    "len(list_filter(string_split(shapes, ' '), lambda s: s = 'star')) > 0": lambda r: "star" in r["shapes"].split(),
+    "CASE WHEN n_objects > 2 THEN background = 'gray' ELSE false END":
+        lambda r: r["n_objects"] > 2 and r["background"] == "gray",
+    "CAST(n_objects AS VARCHAR) = '1' OR lower(text) LIKE '%yellow%'":
+        lambda r: r["n_objects"] == 1 or "yellow" in r["text"].lower(),
+}
+
+
+@pytest.mark.parametrize("where", list(ORDINARY))
+def test_ordinary_predicates_still_filter_exactly(where, index, shapes_corpus):
+    records = [json.loads(line) for line in shapes_corpus.read_text().splitlines() if line.strip()]
+    expected = [i for i, r in enumerate(records) if ORDINARY[where](r)]
+    assert 0 < len(expected) < len(records)
+    assert index.filter_rows(where).tolist() == expected
+
+
+def test_a_filter_that_runs_too_long_is_stopped(monkeypatch):
+    import pyarrow as pa
+
+    import retrieval.filters as filters
+
+    table = pa.table({"row": pa.array(range(4_000_000), pa.int64()),
+                      "text": pa.array(["a picture of a large yellow cross"] * 4_000_000)})
+    assert filters.filter_rows(table.slice(0, 10), "regexp_matches(text, 'y.*w.*c')").tolist() == list(range(10))
+    monkeypatch.setattr(filters, "FILTER_SECONDS", 0.01)
+    with pytest.raises(RetrievalError, match="took longer than 0.01 s and was stopped"):
+        filters.filter_rows(table, "regexp_matches(text || text, 'y.*w.*c.*q') OR length(text || text) > 10000")
