@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +29,33 @@ class BuiltIndex:
     device: str
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+MAX_KEY_NUMBER = 1 << 24
+
+
+def check_index_key(key: str) -> None:
+    """Refuse a key FAISS would abort the whole process on (its assertions are not exceptions), hang on or
+    exhaust memory with, before it is handed to FAISS."""
+    if not key or not re.fullmatch(r"[A-Za-z0-9_,()]+", key):
+        raise RetrievalError(f"--index-key {key!r} is not a FAISS factory string (e.g. Flat, HNSW32, IVF1024,SQ8)")
+    if "IDMap" in key:
+        raise RetrievalError("--index-key names the index alone: retrieval keys it by row ids itself (drop IDMap)")
+    for name, number in re.findall(r"([A-Za-z]+)(\d+)", key):
+        value = int(number)
+        low, high = (2, 512) if name.endswith(("HNSW", "NSG")) else (1, MAX_KEY_NUMBER)
+        if not low <= value <= high:
+            raise RetrievalError(f"--index-key {key!r}: {name}{number} is out of range ({name} takes {low} to {high})")
+
+
+@contextlib.contextmanager
+def faiss_errors(key: str) -> Iterator[None]:
+    """FAISS's refusals of a key (raised while building, training, adding or searching) as one clear error."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise RetrievalError(f"FAISS cannot build index key {key!r}: {reason.split('Error: ')[-1]}") from None
 
 
 def factory_string(key: str) -> str:
@@ -96,15 +125,21 @@ def build_index(batches: Batches, n: int, dim: int, key: str, sample_vectors: Ca
     a vector that is already in the index finds itself and its neighbourhood too easily, which overstates
     the recall a new query gets (by 0.01-0.03 at 1M vectors). At most a tenth of the store is held out.
     """
+    notes: list[str] = []
+    check_index_key(key)
+    factory = factory_string(key)
+    with faiss_errors(key):
+        return _build(batches, n, dim, key, factory, sample_vectors, recall_queries, recall_rows, device,
+                      target_recall, k, progress, notes)
+
+
+def _build(batches: Batches, n: int, dim: int, key: str, factory: str, sample_vectors: Callable[[int], np.ndarray],
+           recall_queries: np.ndarray, recall_rows: np.ndarray, device: str, target_recall: float, k: int,
+           progress: bool, notes: list[str]) -> BuiltIndex:
     import faiss
     from tqdm import tqdm
 
-    notes: list[str] = []
-    factory = factory_string(key)
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise RetrievalError(f"FAISS cannot build index key {key!r}: {str(e).splitlines()[-1]}") from None
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     device = resolve_faiss_device(device, notes)
     if device == "cuda":
         index, device = to_gpu(index, notes)
@@ -120,10 +155,13 @@ def build_index(batches: Batches, n: int, dim: int, key: str, sample_vectors: Ca
 
     t = time.perf_counter()
     if not index.is_trained:
-        ivf = faiss.extract_index_ivf(index)
-        want = min(n, MAX_TRAIN, max(TRAIN_POINTS_PER_LIST * ivf.nlist, 10_000))
-        if want < ivf.nlist:
-            raise RetrievalError(f"{n} vectors are too few to train {ivf.nlist} clusters; use a smaller IVF")
+        try:
+            lists = faiss.extract_index_ivf(index).nlist
+        except RuntimeError:  # trained, but not an IVF (PQ, LSH, OPQ before a flat index)
+            lists = 1
+        want = min(n, MAX_TRAIN, max(TRAIN_POINTS_PER_LIST * lists, 10_000))
+        if want < lists:
+            raise RetrievalError(f"{n} vectors are too few to train {lists} clusters; use a smaller IVF")
         index.train(np.ascontiguousarray(sample_vectors(want), dtype=np.float32))
     seconds["train"] = time.perf_counter() - t
 

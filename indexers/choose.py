@@ -30,7 +30,10 @@ def parse_memory(text: str) -> int:
     if not m:
         raise RetrievalError(f"cannot read memory size {text!r}: write it like 4GB or 512MB")
     power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * 1024**power)
+    size = int(float(m.group(1)) * 1024**power)
+    if size <= 0:
+        raise RetrievalError(f"memory size {text!r} must be more than 0")
+    return size
 
 
 def hnsw_max(dim: int) -> int:

@@ -10,13 +10,14 @@ import csv
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import RetrievalError, first_line
 from retrieval.files import sha256_file
 from retrieval.images import IMAGE_SUFFIXES
 from retrieval.paths import PathPolicy, PathRefused, read_text
@@ -24,7 +25,9 @@ from retrieval.paths import PathPolicy, PathRefused, read_text
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 RESERVED_COLUMNS = ("row", "embedding", "position", "error", "rank", "score")
 MAX_TEXT_CHARS = 20_000
-READ_ERROR = "\0read error"  # the key under which a reader gives a record's reason (no column can be named so)
+READ_ERROR: Any = object()  # the key under which a reader gives a record's reason: no column can be named so
+INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")  # CSV numbers as people write them: no 007, 1_000, ' 12 ' or nan
+DECIMAL = re.compile(r"-?((0|[1-9][0-9]*)(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
 
 
 @dataclass
@@ -101,7 +104,12 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     try:
         header = next(csv.reader(lines[:1]))
     except (StopIteration, csv.Error):
-        raise RetrievalError(f"corpus {path} is empty or has no header row") from None
+        header = []
+    if not header or not all(name.strip() for name in header):
+        raise RetrievalError(f"corpus {path} has no header row, or a column without a name in it (line 1)")
+    if len(set(header)) != len(header):
+        twice = next(name for name in header if header.count(name) > 1)
+        raise RetrievalError(f"corpus {path} names column {twice!r} twice in its header")
     records = [{k: (v if v != "" else None) for k, v in zip(header, values)} if isinstance(values, list)
                else {READ_ERROR: values} for values in _csv_rows(lines, len(header))]
     for column in set(header) - {"id", "image", "text"}:
@@ -163,12 +171,10 @@ def _looks_like_rows(lines: list[str], width: int) -> bool:
 def _infer_number_column(records: list[dict[str, Any]], column: str) -> None:
     """CSV values are strings; make a column numeric when every value in it parses as one."""
     values = [r[column] for r in records if READ_ERROR not in r and r.get(column) is not None]
-    for kind in (int, float):
-        try:
-            parsed = [kind(v) for v in values]
-        except (ValueError, TypeError):
+    for kind, pattern in ((int, INTEGER), (float, DECIMAL)):
+        if not all(pattern.fullmatch(v) for v in values):
             continue
-        it = iter(parsed)
+        it = iter([kind(v) for v in values])
         for r in records:
             if READ_ERROR not in r and r.get(column) is not None:
                 r[column] = next(it)
@@ -234,7 +240,8 @@ def _folder_fingerprint(root: Path, files: list[Path]) -> str:
             st = path.stat()
         except OSError:  # a broken link: it counts by its name
             st = os.stat_result((0,) * 10)
-        h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                 .encode("utf-8", "surrogateescape"))  # a file name need not be UTF-8
     return h.hexdigest()
 
 
@@ -247,7 +254,7 @@ def _check_rows(records: list[dict[str, Any]], root: Path, max_text_chars: int) 
     first_seen: dict[str, int] = {}
     rows = []
     for position, record in enumerate(records):
-        clash = [c for c in RESERVED_COLUMNS if c in record]
+        clash = [c for c in RESERVED_COLUMNS if any(isinstance(k, str) and k.casefold() == c for k in record)]
         if clash:
             raise RetrievalError(f"corpus column {clash[0]!r} is reserved by the embedding store; rename it")
         row = {"position": position, **record}
@@ -269,8 +276,9 @@ def _check_rows(records: list[dict[str, Any]], root: Path, max_text_chars: int) 
 
 
 def _row_error(row: dict, image: Any, text: Any, max_chars: int, first_seen: dict[str, int]) -> str | None:
-    if any(_has_bad_utf8(v) for v in row.values()):
-        return "text is not valid UTF-8"
+    bad = [key for key, value in row.items() if _has_bad_utf8(value)]
+    if bad:
+        return f"{bad[0]} is not valid UTF-8"
     if row["id"] in first_seen:
         return f"duplicate id: {row['id']!r} (first at position {first_seen[row['id']]})"
     if image is not None and not isinstance(image, str):
@@ -283,6 +291,20 @@ def _row_error(row: dict, image: Any, text: Any, max_chars: int, first_seen: dic
     if not has_image and (text is None or not text.strip()):
         return "empty text and no image" if text is not None else "item has neither image nor text"
     return None
+
+
+def check_column_names(names: list[Any]) -> None:
+    """Column names a store and SQL filters can tell apart: strings without control characters, unique
+    regardless of case (SQL identifiers ignore it, so `ROW` would be `row`)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if not isinstance(name, str) or not name or any(ord(ch) < 32 for ch in name):
+            raise RetrievalError(f"corpus column name {name!r} is empty or holds control characters; rename it")
+        folded = name.casefold()
+        if folded in seen:
+            raise RetrievalError(f"corpus columns {seen[folded]!r} and {name!r} differ only in case, which SQL "
+                                 "filters cannot tell apart; rename one")
+        seen[folded] = name
 
 
 def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -299,16 +321,17 @@ def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
                     row[key] = json.dumps(row[key]) if isinstance(row[key], (dict, list)) else str(row[key])
     fixed = {"position": pa.int64(), "id": pa.string(), "image": pa.string(), "text": pa.string(),
              "error": pa.string()}
+    names = list(dict.fromkeys(key for row in rows for key in row))  # every key, not just the first row's
+    check_column_names(names)
     try:
-        names = list(dict.fromkeys(key for row in rows for key in row))  # every key, not just the first row's
         table = pa.Table.from_pydict({key: [row.get(key) for row in rows] for key in names})
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise RetrievalError(f"corpus metadata cannot be stored: {e}") from None
-    for name, typ in fixed.items():
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows, typ))
-        elif table.schema.field(name).type != typ:
-            table = table.set_column(table.column_names.index(name), name, table[name].cast(typ))
+        for name, typ in fixed.items():
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, typ))
+            elif table.schema.field(name).type != typ:
+                table = table.set_column(table.column_names.index(name), name, table[name].cast(typ))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise RetrievalError(f"corpus metadata cannot be stored: {first_line(e)}") from None
     order = list(fixed) + [c for c in table.column_names if c not in fixed]
     return table.select(order)
 

@@ -102,6 +102,9 @@ def reason_kind(reason: str) -> str:
     return reason.split(":")[0].split(" (")[0].strip()
 
 
+MAX_WORKERS = 64  # each is a process holding a copy of the corpus table
+
+
 def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
@@ -113,12 +116,7 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
                   follow_symlinks: bool = False, root_only: bool = False) -> EncodeSummary:
     """Encode a corpus into an embedding store at `out`, resuming a previous run of the same job.
     `follow_symlinks` / `root_only`: which files the corpus may read (retrieval.paths)."""
-    if dtype not in DTYPES:
-        raise RetrievalError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
-    if batch_size <= 0 or part_size <= 0:
-        raise RetrievalError("--batch-size and --part-size must be positive")
-    if workers is not None and workers < 0:
-        raise RetrievalError(f"--workers must be 0 (read in this process) or more, got {workers}")
+    check_encode_options(batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size)
     out = Path(out)
     check_out_folder(out, "an embedding store", lambda folder: (folder / MANIFEST).is_file())
     from retrieval.encoders import load_encoder
@@ -131,6 +129,17 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
     with folder_lock(out, "encode job"):
         return _encode(corpus, out, encoder, batch_size, workers, dtype, strict, part_size, progress, sparse_codes,
                        started)
+
+
+def check_encode_options(batch_size: int = 256, workers: int | None = None, dtype: str = "float32",
+                         part_size: int = 10_000, **_: Any) -> None:
+    """Refuse encode options that cannot work, before anything is read or written."""
+    if dtype not in DTYPES:
+        raise RetrievalError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
+    if batch_size <= 0 or part_size <= 0:
+        raise RetrievalError("--batch-size and --part-size must be positive")
+    if workers is not None and not 0 <= workers <= MAX_WORKERS:
+        raise RetrievalError(f"--workers must be 0 (read in this process) to {MAX_WORKERS}, got {workers}")
 
 
 def _encode(corpus: Corpus, out: Path, encoder, batch_size: int, workers: int | None, dtype: str, strict: bool,

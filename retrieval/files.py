@@ -109,6 +109,11 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def has_type(value: Any, kind: type) -> bool:
+    """isinstance for values read from JSON, where a bool is not an int."""
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

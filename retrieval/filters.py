@@ -7,6 +7,8 @@ The filter may come from anyone (a server passes it through), so it is held to a
   window, no `*`, no parameter, and none of the functions that build large values out of constants;
 - it runs on its own in-memory connection with external access off (no file, extension or network) and
   the configuration locked, and it is interrupted after `FILTER_SECONDS`.
+A search runs its filters in a child process with a memory limit (retrieval.filter_worker), since a few
+allowed functions can still grow values without bound.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import RetrievalError, first_line
 
 FILTER_SECONDS = 10.0
 MAX_FILTER_CHARS = 10_000
 ALLOWED_CLASSES = {"BETWEEN", "CASE", "CAST", "COLLATE", "COLUMN_REF", "COMPARISON", "CONJUNCTION", "CONSTANT",
                    "FUNCTION", "LAMBDA", "LAMBDA_REF", "OPERATOR", "TYPE"}
-# Functions that turn a small constant into a huge value (memory is not bounded per expression), or that
-# read the engine's own state rather than the store's columns.
+# Functions that turn a small constant into a huge value, or that read the engine's own state rather than the
+# store's columns; built-in macros that hide a subquery are refused too (`subquery_macros`).
 REFUSED_FUNCTIONS = {"range", "generate_series", "repeat", "lpad", "rpad", "list_resize", "array_resize", "bar",
                      "printf", "format", "current_setting", "getvariable", "query", "query_table"}
+MAX_DEPTH = 400  # nesting of the parsed expression (JSON levels: about four per function call)
 SANDBOX = {"enable_external_access": False, "autoload_known_extensions": False,
            "autoinstall_known_extensions": False, "allow_community_extensions": False,
            "allow_unsigned_extensions": False, "memory_limit": "2GB", "lock_configuration": True}
@@ -45,6 +48,8 @@ def filter_rows(table, where: str, column: str = "row") -> np.ndarray:
         result = con.execute(query).fetchnumpy()
     except duckdb.InterruptException:
         raise RetrievalError(f"--where filter took longer than {FILTER_SECONDS:g} s and was stopped") from None
+    except duckdb.OutOfMemoryException:
+        raise RetrievalError("--where filter needed more memory than a filter may use and was stopped") from None
     except duckdb.Error as e:
         raise RetrievalError(f"invalid --where filter: {first_line(e)}") from None
     finally:
@@ -56,14 +61,19 @@ def filter_rows(table, where: str, column: str = "row") -> np.ndarray:
 def checked_query(con, where: str, column: str = "row") -> str:
     """`SELECT column FROM store WHERE (where)`, once `where` is known to be one allowed predicate; the very
     text that was checked is the text to run."""
-    if not isinstance(where, str) or not where.strip():
+    if not isinstance(where, str):
+        raise RetrievalError(f"invalid --where filter: it must be a string, not {type(where).__name__}")
+    if not where.strip():
         raise RetrievalError("invalid --where filter: it is empty")
     if len(where) > MAX_FILTER_CHARS:
         raise RetrievalError(f"invalid --where filter: {len(where)} characters > limit {MAX_FILTER_CHARS}")
     if "\x00" in where:
         raise RetrievalError("invalid --where filter: it holds a NUL character")
-    query = f"SELECT {column} FROM store WHERE ({where})"
-    parsed = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchall()[0][0])
+    query = f"SELECT {column} FROM store WHERE (\n{where}\n)"  # its own lines: a `--` comment cannot eat the `)`
+    try:
+        parsed = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchall()[0][0])
+    except RecursionError:
+        raise RetrievalError("invalid --where filter: it is nested too deeply") from None
     if parsed.get("error"):
         message = parsed.get("error_message", "")
         if "Only SELECT" in message or "multiple" in message.lower():
@@ -74,7 +84,7 @@ def checked_query(con, where: str, column: str = "row") -> str:
     if not _is_plain_select(node, column):
         raise RetrievalError("invalid --where filter: it must be one predicate over the store's columns "
                              "(no ')' breakout, second statement, UNION, ORDER BY or LIMIT)")
-    _check_expression(node["where_clause"])
+    _check_expression(node["where_clause"], REFUSED_FUNCTIONS | subquery_macros(con))
     return query
 
 
@@ -92,11 +102,13 @@ def _is_plain_select(node: dict[str, Any], column: str) -> bool:
             and node.get("sample") is None)
 
 
-def _check_expression(value: Any) -> None:
+def _check_expression(value: Any, refused: set[str], depth: int = 0) -> None:
     """Walk the parsed expression; every node must be an allowed expression class and function."""
+    if depth > MAX_DEPTH:
+        raise RetrievalError("invalid --where filter: it is nested too deeply")
     if isinstance(value, list):
         for item in value:
-            _check_expression(item)
+            _check_expression(item, refused, depth + 1)
         return
     if not isinstance(value, dict):
         return
@@ -108,14 +120,22 @@ def _check_expression(value: Any) -> None:
             raise RetrievalError(f"invalid --where filter: {kind.lower().replace('_', ' ')} expressions are not "
                                  "allowed")
         name = str(value.get("function_name", "")).lower()
-        if kind == "FUNCTION" and name in REFUSED_FUNCTIONS:
+        if kind == "FUNCTION" and name in refused:
             raise RetrievalError(f"invalid --where filter: function {name}() is not allowed in a filter")
     elif str(value.get("type", "")).endswith("_NODE"):  # a query nested anywhere
         raise RetrievalError("invalid --where filter: subqueries are not allowed; filter on the store's columns")
     for item in value.values():
-        _check_expression(item)
+        _check_expression(item, refused, depth + 1)
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+_SUBQUERY_MACROS: set[str] | None = None
+
+
+def subquery_macros(con) -> set[str]:
+    """Built-in macros whose body is a query (they read the catalog); asked of DuckDB once per process."""
+    global _SUBQUERY_MACROS
+    if _SUBQUERY_MACROS is None:
+        rows = con.execute("SELECT DISTINCT lower(function_name) FROM duckdb_functions() WHERE function_type = "
+                           "'macro' AND regexp_matches(macro_definition, '(?i)\\b(select|from)\\b')").fetchall()
+        _SUBQUERY_MACROS = {name for (name,) in rows}
+    return _SUBQUERY_MACROS

@@ -9,14 +9,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import RetrievalError, first_line
 from retrieval.files import atomic_path
 from retrieval.paths import PathPolicy, PathRefused
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey picture
 MAX_IMAGE_PIXELS = 64_000_000
+MAX_ASPECT = 16  # beyond this, the long side is not resized whole (image_to_array)
 ANY_FILE = PathPolicy(os.sep, follow_symlinks=True)  # any regular file (no FIFO or device that would block)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The decoders a file may reach, whatever its name says: PIL would otherwise also try EPS (which runs
+# Ghostscript), and dozens of rarer formats that have had bugs of their own.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")  # JPEG opens multi-picture (MPO) files too
 
 
 class ImageReadError(RetrievalError):
@@ -36,6 +40,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, poli
         raise ImageReadError(f"image not found: {path}") from None
     except OSError as e:
         raise ImageReadError(f"cannot read image: {e.strerror or e} ({path})") from None
+    except ValueError:  # a NUL in the path
+        raise ImageReadError(f"image path is not a valid path: {str(path)!r}") from None
     with file:
         if os.fstat(file.fileno()).st_size == 0:
             raise ImageReadError(f"empty image file: {path}")
@@ -46,7 +52,7 @@ def _decode(file, path: Path, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as img:
+            with Image.open(file, formats=IMAGE_FORMATS) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageReadError(
@@ -61,8 +67,7 @@ def _decode(file, path: Path, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageReadError(f"image too large (decompression bomb): {path}") from None
     except Exception as e:  # PIL raises many types for corrupt data
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageReadError(f"cannot decode image: {reason} ({path})") from None
+        raise ImageReadError(f"cannot decode image: {first_line(e)} ({path})") from None
 
 
 def upright(img: Image.Image) -> Image.Image:
@@ -106,9 +111,13 @@ def image_to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tu
     w, h = img.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    if max(new_w, new_h) <= MAX_ASPECT * size:
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
+    else:  # a sliver (1 × 2,000,000 px) would resize to gigabytes: resize just the crop's source box
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -23,6 +23,7 @@ from retrieval.files import (
     check_out_folder,
     durable_rename,
     folder_lock,
+    has_type,
     is_leftover,
     sha256_file,
     temporary_name,
@@ -79,7 +80,17 @@ def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model:
                        target_recall: float = 0.95, progress: bool = True,
                        encode_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build an index folder and return what index.json records."""
+    from indexers.build import check_index_key
+    from indexers.choose import parse_memory
+    from retrieval.encode import check_encode_options
+
     out = Path(out)
+    if not 0 < target_recall <= 1:  # also refuses NaN
+        raise RetrievalError(f"--target-recall must be in (0, 1], got {target_recall}")
+    parse_memory(memory_budget)
+    if index_key != "auto":
+        check_index_key(index_key)
+    check_encode_options(**(encode_options or {}))
     check_out_folder(out, "an index folder", is_index_folder)
     with folder_lock(out, "index build"):
         return _build(source, out, model, index_key, device, memory_budget, target_recall, progress,
@@ -88,8 +99,9 @@ def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model:
 
 def is_index_folder(folder: Path) -> bool:
     """An index folder, or what a killed first build left of one (its store, an index file not yet committed)."""
-    return ((folder / INDEX_JSON).is_file() or (folder / "store").is_dir()
-            or any(FILE_NAME.fullmatch(p.name) for p in folder.iterdir()))
+    store = folder / "store"
+    return ((folder / INDEX_JSON).is_file() or any(BUILT_FILE.fullmatch(p.name) for p in folder.iterdir())
+            or EmbeddingStore.is_store(store) or (store.is_dir() and all(is_leftover(p) for p in store.iterdir())))
 
 
 def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: str, device: str,
@@ -103,6 +115,7 @@ def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: s
 
     started = time.perf_counter()
     clear_leftovers(out)
+    previous = committed_file(out)
     store = open_source(source, out, model, encode_options, progress)
     store.require_complete()
     n, dim = store.count, store.dim
@@ -149,6 +162,8 @@ def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: s
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(out / INDEX_JSON, info)  # the commit
+    if previous and previous != index_file.name:
+        (out / previous).unlink(missing_ok=True)
     clear_leftovers(out)
     return info
 
@@ -162,8 +177,9 @@ def write_index_file(index, out: Path) -> tuple[Path, str]:
     try:
         try:
             faiss.write_index(index, str(tmp))
-        except RuntimeError as e:  # FAISS reports a failed write (a full disk) this way
-            raise OSError(errno.EIO, f"FAISS could not write the index ({str(e).strip().splitlines()[-1]})",
+        except RuntimeError as e:  # FAISS reports a failed write (a full disk) this way, the OS's reason last
+            reason = re.search(r"\(([^()]*)\)\s*$", str(e))
+            raise OSError(errno.EIO, f"FAISS could not write the index: {reason[1] if reason else 'write error'}",
                           str(tmp)) from None
         digest = sha256_file(tmp)
         final = out / f"index-{digest[:FILE_DIGEST]}.faiss"
@@ -174,16 +190,21 @@ def write_index_file(index, out: Path) -> tuple[Path, str]:
     return final, digest
 
 
+def committed_file(out: Path) -> str | None:
+    """The index file that index.json names, if there is a readable index.json."""
+    try:
+        return read_index_json(out)["file"] if (out / INDEX_JSON).is_file() else None
+    except RetrievalError:
+        return None
+
+
 def clear_leftovers(out: Path) -> None:
-    """Remove what a killed build left: temporary files and index files that index.json does not name."""
+    """Remove what a killed build left: temporary files, and index files of ours that index.json does not name."""
     if not out.is_dir():
         return
-    try:
-        keep = read_index_json(out).get("file")
-    except RetrievalError:
-        keep = None
+    keep = committed_file(out)
     for path in out.iterdir():
-        stale_index = path.suffix == ".faiss" and path.name != keep
+        stale_index = BUILT_FILE.fullmatch(path.name) and path.name != keep
         if (is_leftover(path) and path.name != LOCK_FILE) or stale_index:
             path.unlink()
 
@@ -192,7 +213,9 @@ def clear_leftovers(out: Path) -> None:
 REQUIRED = {"format": str, "version": int, "count": int, "dim": int, "search_params": str, "store": dict,
             "encoder": dict}
 REQUIRED_IN = {"store": {"path": str, "fingerprint": str}, "encoder": {"name": str, "weights_sha256": str}}
-FILE_NAME = re.compile(rf"index(-[0-9a-f]{{{FILE_DIGEST}}})?\.faiss")
+OPTIONAL_IN = {"encoder": {"checkpoint": str, "fusion_mode": str}}  # absent or null, or of this type
+BUILT_FILE = re.compile(rf"index-[0-9a-f]{{{FILE_DIGEST}}}\.faiss")  # the files a build writes
+FILE_NAME = re.compile(rf"{BUILT_FILE.pattern}|index\.faiss")  # what index.json may name (version 1: index.faiss)
 
 
 def read_index_json(folder: str | os.PathLike) -> dict[str, Any]:
@@ -203,16 +226,19 @@ def read_index_json(folder: str | os.PathLike) -> dict[str, Any]:
                              "`retrieval index build`")
     try:
         info = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RetrievalError(f"{path} is not valid JSON ({e}); rebuild the index") from None
+    except (ValueError, RecursionError) as e:
+        raise RetrievalError(f"{path} is not valid JSON ({type(e).__name__}); rebuild the index") from None
     if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
         raise RetrievalError(f"{path} is not an index manifest")
     if info.get("version") == 1:  # before index files were named by their checksum
         info = {"file": "index.faiss", "file_sha256": None} | info
-    problems = [f"{key} ({kind.__name__})" for key, kind in REQUIRED.items() if not _is(info.get(key), kind)]
+    problems = [f"{key} ({kind.__name__})" for key, kind in REQUIRED.items() if not has_type(info.get(key), kind)]
     problems += [f"{outer}.{key} ({kind.__name__})" for outer, fields in REQUIRED_IN.items()
                  if isinstance(info.get(outer), dict) for key, kind in fields.items()
-                 if not _is(info[outer].get(key), kind)]
+                 if not has_type(info[outer].get(key), kind)]
+    problems += [f"{outer}.{key} ({kind.__name__} or null)" for outer, fields in OPTIONAL_IN.items()
+                 if isinstance(info.get(outer), dict) for key, kind in fields.items()
+                 if info[outer].get(key) is not None and not isinstance(info[outer][key], kind)]
     if not (isinstance(info.get("file"), str) and FILE_NAME.fullmatch(info["file"])):
         problems.append("file (an index-<sha>.faiss name)")
     if not problems and (info["count"] < 0 or info["dim"] <= 0):
@@ -221,9 +247,6 @@ def read_index_json(folder: str | os.PathLike) -> dict[str, Any]:
         raise RetrievalError(f"{path} is malformed: missing or wrong {', '.join(problems)}; rebuild the index")
     return info
 
-
-def _is(value: Any, kind: type) -> bool:
-    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
 
 
 def read_index_file(folder: str | os.PathLike, info: dict[str, Any]):

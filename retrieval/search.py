@@ -20,6 +20,7 @@ from retrieval.indexing import INDEX_JSON, read_index_file, read_index_json
 from retrieval.store import EmbeddingStore
 
 EXACT_FILTER_MAX = 20_000  # allowed rows up to this are searched exactly
+MAX_THREADS = 256  # OpenMP crashes long before 100,000 threads
 
 
 def set_threads(n: int) -> None:
@@ -27,8 +28,7 @@ def set_threads(n: int) -> None:
     import faiss
     import torch
 
-    if n <= 0:
-        raise RetrievalError("--threads must be positive")
+    check_threads(n)
     torch.set_num_threads(n)
     faiss.omp_set_num_threads(n)
 
@@ -44,8 +44,10 @@ class Hit:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The hit as JSON-ready values: a NaN or infinite metadata number (missing data) becomes None."""
+        metadata = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in self.metadata.items()}
         return {"rank": self.rank, "score": self.score, "id": self.id, "row": self.row, "image": self.image,
-                "text": self.text, **self.metadata}
+                "text": self.text, **metadata}
 
 
 class SearchIndex:
@@ -63,7 +65,9 @@ class SearchIndex:
         store_path = Path(self.info["store"]["path"])
         self.store = EmbeddingStore(store_path if store_path.is_absolute() else self.path / store_path)
         self._metadata = None
-        if self.store.fingerprint() != self.info["store"]["fingerprint"]:
+        self._filters = None
+        if (self.store.fingerprint() != self.info["store"]["fingerprint"] or self.store.dim != self.info["dim"]
+                or self.store.count != self.info["count"]):
             raise RetrievalError(f"the store {self.store.path} changed since this index was built; "
                                  f"rebuild it with `retrieval index build {self.store.path} --out {self.path}`")
         self.store.require_intact()
@@ -164,10 +168,13 @@ class SearchIndex:
         return scores, rows
 
     def filter_rows(self, where: str) -> np.ndarray:
-        """Row ids whose metadata satisfy a SQL predicate (checked and sandboxed: retrieval.filters)."""
-        from retrieval.filters import filter_rows
+        """Row ids whose metadata satisfy a SQL predicate: checked and sandboxed (retrieval.filters), in a child
+        process with a memory limit (retrieval.filter_worker), started on the first filter."""
+        from retrieval.filter_worker import FilterWorker
 
-        return filter_rows(self.metadata, where)
+        if self._filters is None:
+            self._filters = FilterWorker(self.metadata)
+        return self._filters.rows(where)
 
     def _index_search(self, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
         from indexers.gpu import GPU_MAX_K
@@ -217,6 +224,11 @@ class SearchIndex:
         return hits
 
 
+def check_threads(n: int) -> None:
+    if not 0 < n <= MAX_THREADS:
+        raise RetrievalError(f"--threads must be 1 to {MAX_THREADS}, got {n}")
+
+
 def check_k(k: int) -> None:
     if not isinstance(k, int) or k <= 0:
         raise RetrievalError(f"k must be a positive integer, got {k}")
@@ -237,6 +249,8 @@ def check_rerank(image, text: str | None, rerank: int, encoder=None) -> None:
 def check_query(image, text: str | None) -> str | None:
     """The query's text (None when blank); a query with neither image nor text is refused."""
     text = text if text and text.strip() else None
+    if text is not None and any("\udc80" <= ch <= "\udcff" for ch in text):  # bytes that were not UTF-8
+        raise RetrievalError("the query text is not valid UTF-8")
     if image is None and text is None:
         raise RetrievalError("a query needs an image, a text, or both (--image / --text)")
     return text

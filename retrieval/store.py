@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval.errors import RetrievalError
-from retrieval.files import atomic_path, read_json, sha256_file, write_json
+from retrieval.errors import RetrievalError, first_line
+from retrieval.files import atomic_path, has_type, read_json, sha256_file, write_json
 
 FORMAT = "retrieval.embedding-store"
 VERSION = 1
@@ -86,8 +86,8 @@ class EmbeddingStore:
             raise RetrievalError(f"{self.path} is not an embedding store (no {MANIFEST})")
         try:
             self.manifest: dict[str, Any] = read_json(manifest_path)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RetrievalError(f"{manifest_path} is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise RetrievalError(f"{manifest_path} is not valid JSON ({type(e).__name__})") from None
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise RetrievalError(f"{manifest_path} is not an embedding-store manifest")
         if problem := manifest_problem(self.manifest):
@@ -199,7 +199,12 @@ class EmbeddingStore:
             yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
 
     def _vectors(self, batch: pa.RecordBatch | pa.Table, path: Path) -> np.ndarray:
-        return check_unit(vectors_of(batch.column("embedding"), self.dim), path)
+        column = batch.column("embedding")
+        width = getattr(column.type, "list_size", None)
+        if width != self.dim:
+            raise RetrievalError(f"{path} holds vectors of width {width}, but the store's manifest says dim "
+                                 f"{self.dim}; run `retrieval store verify {path.parent}`")
+        return check_unit(vectors_of(column, self.dim), path)
 
     def sample(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """A uniform random sample of at most n (row ids, vectors), read part by part."""
@@ -237,29 +242,40 @@ def reading(path: Path) -> Iterator[None]:
     except FileNotFoundError:
         raise RetrievalError(f"part {path} is missing; run `retrieval store verify {path.parent}`") from None
     except (OSError, pa.ArrowException) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RetrievalError(f"part {path} is damaged ({reason}); run `retrieval store verify {path.parent}` "
+        raise RetrievalError(f"part {path} is damaged ({first_line(e)}); run `retrieval store verify {path.parent}` "
                              "and encode the corpus again") from None
 
 
-PART_FIELDS = {"file": str, "count": int, "rows": list}
+MAX_DIM = 65536
 
 
 def manifest_problem(manifest: dict[str, Any]) -> str | None:
-    """What is wrong with a store manifest's fields that readers rely on, or None."""
+    """What is wrong with the store manifest's fields that readers rely on, or None."""
     for key, kind in (("dim", int), ("count", int), ("parts", list), ("encoder", dict)):
-        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+        if not has_type(manifest.get(key), kind):
             return f"missing or wrong {key} ({kind.__name__})"
-    if not isinstance(manifest["encoder"].get("weights_sha256"), str) or manifest["dim"] <= 0:
-        return "the encoder's weights_sha256 or the dim is missing"
+    if not 0 < manifest["dim"] <= MAX_DIM or manifest["count"] < 0:
+        return f"dim must be 1 to {MAX_DIM} and count at least 0"
+    if not all(has_type(manifest["encoder"].get(k), str) for k in ("name", "weights_sha256")):
+        return "the encoder's name or weights_sha256 is missing"
+    if not has_type(manifest.get("complete", False), bool):
+        return "complete must be true or false"
+    extra = manifest.get("extra_columns", [])
+    if not isinstance(extra, list) or not all(isinstance(c, str) for c in extra):
+        return "extra_columns must be a list of column names"
     expected_row = 0
     for i, part in enumerate(manifest["parts"]):
-        if not isinstance(part, dict) or any(not isinstance(part.get(k), t) for k, t in PART_FIELDS.items()):
+        if not isinstance(part, dict) or not all(has_type(part.get(k), t) for k, t in
+                                                 (("file", str), ("count", int), ("rows", list))):
             return f"part entry {i} lacks file, count or rows"
-        if not re.fullmatch(r"part-\d{5,}\.parquet", part["file"]) or part["rows"] != [expected_row,
-                                                                                   expected_row + part["count"]]:
-            return f"part entry {i} ({part['file']!r}) has a bad file name or row range"
+        if (not re.fullmatch(r"part-\d{5,}\.parquet", part["file"]) or part["count"] < 0
+                or part["rows"] != [expected_row, expected_row + part["count"]]):
+            return f"part entry {i} ({part['file']!r}) has a bad file name, count or row range"
+        if part["count"] and not (has_type(part.get("sha256"), str) and all(
+                has_type(part[k], t) for k, t in (("bytes", int), ("tail_sha256", str)) if k in part)):
+            return f"part entry {i} ({part['file']!r}) lacks its checksums"
         expected_row += part["count"]
     if expected_row != manifest["count"]:
         return f"its parts hold {expected_row} rows but count says {manifest['count']}"
     return None
+

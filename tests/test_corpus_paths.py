@@ -231,3 +231,64 @@ def test_a_field_over_the_csv_size_limit_is_one_broken_row(tmp_path):
     bad, = [r["error"] for r in table if r["error"] is not None]
     assert bad.startswith("broken manifest row (line 7): field larger than field limit")
 
+
+
+def test_a_file_name_that_is_not_utf8_is_one_skipped_item(tmp_path):
+    root = tmp_path / "corpus"
+    image(root / "fine.png", "red")
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    Image.new("RGB", (12, 12), "blue").save(root / name, format="PNG")
+    out = tmp_path / "store"
+    encode_corpus(root, out, "test-tiny", workers=0, progress=False)
+    assert store_values(out, "id") == ["fine.png"]
+    assert list(errors(out).values()) == ["id is not valid UTF-8"]
+
+
+@pytest.mark.parametrize("columns, fragment", [
+    ({"id": "a", "text": "t", "ROW": 3}, "column 'row' is reserved"),
+    ({"id": "a", "text": "t", "Text": "x"}, "differ only in case"),
+    ({"id": "a", "text": "t", "\u0000read error": {"x": 1}}, "holds control characters"),
+    ({"id": "a", "text": "t", "": 1}, "is empty or holds control characters"),
+])
+def test_column_names_that_sql_cannot_tell_apart_are_refused(columns, fragment, tmp_path):
+    from retrieval import RetrievalError
+
+    (tmp_path / "m.jsonl").write_text(json.dumps(columns) + "\n")
+    with pytest.raises(RetrievalError, match=fragment):
+        read_corpus(tmp_path / "m.jsonl")
+
+
+@pytest.mark.parametrize("header, fragment", [
+    ("id,text,text", "names column 'text' twice"),
+    ("", "has no header row"),
+    ("id,,text", "a column without a name"),
+])
+def test_a_csv_header_that_loses_columns_is_refused(header, fragment, tmp_path):
+    from retrieval import RetrievalError
+
+    (tmp_path / "m.csv").write_text(header + "\na,b,c\n")
+    with pytest.raises(RetrievalError, match=fragment):
+        read_corpus(tmp_path / "m.csv")
+
+
+def test_csv_numbers_are_only_what_people_write_as_numbers(tmp_path):
+    (tmp_path / "m.csv").write_text("id,text,count,code,ratio,odd\n"
+                                    "a,x,12,007,0.5,1_000\nb,y,-3,12,1e-3, 12 \nc,z,0,3,2,nan\n")
+    table = read_corpus(tmp_path / "m.csv").table.to_pydict()
+    assert table["count"] == [12, -3, 0]
+    assert table["code"] == ["007", "12", "3"]  # a leading zero makes it a code, not a number
+    assert table["ratio"] == [0.5, 0.001, 2.0]
+    assert table["odd"] == ["1_000", " 12 ", "nan"]
+
+
+def test_search_json_has_no_nan(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["a red circle", "a blue square"],
+                             "weight": [float("nan"), 1.5]}), tmp_path / "m.parquet")
+    run_cli("index", "build", tmp_path / "m.parquet", "--model", "test-tiny", "--out", tmp_path / "idx",
+            "--workers", "0")
+    out = run_cli("search", "--index", tmp_path / "idx", "--text", "a red circle", "--json").stdout
+    hits = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in JSON output"))
+    assert {h["id"]: h["weight"] for h in hits} == {"a": None, "b": 1.5}

@@ -140,3 +140,20 @@ def test_a_filter_that_runs_too_long_is_stopped(monkeypatch):
     monkeypatch.setattr(filters, "FILTER_SECONDS", 0.01)
     with pytest.raises(RetrievalError, match="took longer than 0.01 s and was stopped"):
         filters.filter_rows(table, "regexp_matches(text || text, 'y.*w.*c.*q') OR length(text || text) > 10000")
+
+
+def test_a_filter_that_grows_without_bound_is_stopped_by_the_memory_limit(sandbox, monkeypatch):
+    """Nested replace() grows each caption by its length per space; an edit distance over that is quadratic.
+    DuckDB's own memory limit does not see it: the filter child's limit does, and the searcher lives on."""
+    import resource
+
+    import retrieval.filter_worker as filter_worker
+
+    monkeypatch.setattr(filter_worker, "FILTER_MEMORY", 300 * 2**20)
+    searcher = retrieval.open_index(sandbox[0], device="cpu")
+    grown = "substr(replace(replace(text, ' ', text), ' ', text), 1, 30000)"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(RetrievalError, match="needed more memory than a filter may use"):
+        searcher.filter_rows(f"damerau_levenshtein({grown}, {grown}) > 0")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 2**10  # KiB: not in this process
+    assert len(searcher.filter_rows("split = 'test'")) > 0

@@ -118,3 +118,30 @@ def test_query_images_are_read_the_same_way(tmp_path):
 def test_as_rgb_leaves_a_plain_rgb_image_alone():
     image = Image.fromarray(COLOUR)
     assert as_rgb(image) is image
+
+
+def test_only_image_formats_are_decoded_whatever_the_name(tmp_path):
+    """PostScript named .png must not reach PIL's EPS plugin (which runs Ghostscript); a JPEG named .png is
+    still a picture."""
+    from retrieval.images import ImageReadError
+
+    (tmp_path / "evil.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(ImageReadError, match="cannot decode image: cannot identify image file"):
+        load_image(tmp_path / "evil.png")
+    Image.fromarray(COLOUR).save(tmp_path / "photo.png", format="JPEG")
+    assert load_image(tmp_path / "photo.png").size == (W, H)
+
+
+def test_a_sliver_image_is_resized_without_a_giant_intermediate(tmp_path):
+    """1 × 2,000,000 pixels is under the pixel limit, but resizing its short side to 224 would make a
+    224 × 448,000,000 picture; only the centre crop's box is resized (the same picture to a level or two)."""
+    from retrieval.images import image_to_array
+
+    sliver = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), 2_000_000 // 256 + 1)[None, :2_000_000])
+    sliver.save(tmp_path / "sliver.png")
+    array = image_to_array(load_image(tmp_path / "sliver.png"), 224, (0, 0, 0), (1, 1, 1))
+    assert array.shape == (3, 224, 224) and np.isfinite(array).all()
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 1000, 3), dtype=np.uint8))
+    whole = wide.resize((5600, 224), Image.Resampling.BICUBIC).crop((2688, 0, 2912, 224))
+    boxed = image_to_array(wide, 224, (0, 0, 0), (1, 1, 1)).transpose(1, 2, 0) * 255
+    assert np.abs(boxed - np.asarray(whole, dtype=np.float32)).max() <= 3

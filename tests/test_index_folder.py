@@ -126,6 +126,9 @@ def damage(folder: Path, how: str) -> None:
         "index.json store not an object": lambda: write(info, store="elsewhere"),
         "index.json naming a path": lambda: write(info, file="../../etc/passwd"),
         "search params it does not take": lambda: write(info, search_params="efSearch=notanumber"),
+        "a checkpoint that is not a path": lambda: write(info, encoder=info["encoder"] | {"checkpoint": 5}),
+        "a fusion mode that is a list": lambda: write(info, encoder=info["encoder"] | {"fusion_mode": [1]}),
+        "deep nesting": lambda: (folder / INDEX_JSON).write_text("[" * 100_000 + "]" * 100_000),
         "legacy folder with garbage": lambda: legacy_garbage(folder, info, data),
     }
     edits[how]()
@@ -141,7 +144,8 @@ def legacy_garbage(folder: Path, info: dict, data: bytes) -> None:
 DAMAGE = ["empty index file", "truncated index file", "garbage index file", "one flipped byte", "index file missing",
           "index.json not JSON", "index.json a list", "index.json without count", "index.json with a string dim",
           "index.json with a bool count", "index.json store not an object", "index.json naming a path",
-          "search params it does not take", "legacy folder with garbage"]
+          "search params it does not take", "legacy folder with garbage", "a checkpoint that is not a path",
+          "a fusion mode that is a list", "deep nesting"]
 
 
 @pytest.mark.parametrize("how", DAMAGE)
@@ -163,3 +167,26 @@ def test_a_damaged_index_folder_is_one_error_line_from_the_cli(how, flat_folder,
     proc = run_cli("search", "--index", folder, "--text", "a red circle", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+
+
+@pytest.mark.parametrize("key", ["HNSW0", "HNSW1", "NSG0", "HNSW-1", "HNSW99999999", "IVF0,Flat", "PQ0", "PCA0,Flat",
+                                 "IDMap2,Flat", "OPQ1000,IVF1,Flat", "IVF4,PQ64x16", "Flat,Flat", "LSH", "Flat;",
+                                 ""])
+def test_a_key_faiss_cannot_build_is_one_clear_error(key, shapes_store, tmp_path):
+    """Keys that would abort the process inside FAISS (HNSW0), hang it (NSG0), exhaust memory (HNSW99999999),
+    build an index that can never be searched (IVF0) or fail deep in training are refused up front or as one
+    error, and leave no index folder behind."""
+    with pytest.raises(RetrievalError, match="index.key|FAISS cannot build"):
+        build_index_folder(shapes_store, tmp_path / "index", index_key=key, progress=False)
+    assert not (tmp_path / "index" / INDEX_JSON).exists()
+
+
+def test_a_folder_of_another_tool_is_not_taken_for_an_index_folder(shapes_store, tmp_path):
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    (folder / "index.faiss").write_text("their index")
+    (folder / "notes.md").write_text("their notes")
+    with pytest.raises(RetrievalError, match="exists and is not an index folder"):
+        build_index_folder(shapes_store, folder, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["index.faiss", "notes.md"]
+    assert (folder / "index.faiss").read_text() == "their index"

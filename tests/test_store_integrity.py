@@ -124,7 +124,12 @@ def test_store_verify_checks_every_byte(copy):
                                   "new folder"
 
 
-@pytest.mark.parametrize("edit", ["not JSON", "a list", "count off", "a part outside the folder", "no parts"])
+EDITS = ["not JSON", "a list", "count off", "a part outside the folder", "no parts", "a part without checksums",
+         "extra_columns a number", "extra_columns of objects", "another dim", "deep nesting", "complete a string",
+         "negative count"]
+
+
+@pytest.mark.parametrize("edit", EDITS)
 def test_a_malformed_store_manifest_is_one_clear_error(copy, edit):
     store, index = copy
     manifest = json.loads((store / "manifest.json").read_text())
@@ -135,10 +140,19 @@ def test_a_malformed_store_manifest_is_one_clear_error(copy, edit):
         "a part outside the folder": json.dumps(manifest | {"parts": [manifest["parts"][0] | {"file": "../x.parquet"}]
                                                             + manifest["parts"][1:]}),
         "no parts": json.dumps({k: v for k, v in manifest.items() if k != "parts"}),
+        "a part without checksums": json.dumps(manifest | {"parts": [
+            {k: v for k, v in manifest["parts"][0].items() if k != "sha256"}] + manifest["parts"][1:]}),
+        "extra_columns a number": json.dumps(manifest | {"extra_columns": 5}),
+        "extra_columns of objects": json.dumps(manifest | {"extra_columns": [{}]}),
+        "another dim": json.dumps(manifest | {"dim": 7}),
+        "deep nesting": "[" * 100_000 + "]" * 100_000,
+        "complete a string": json.dumps(manifest | {"complete": "false"}),
+        "negative count": json.dumps(manifest | {"count": -5, "parts": []}),
     }[edit]
     (store / "manifest.json").write_text(text)
     proc = run_cli("store", "verify", store, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "manifest" in proc.stderr, proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "manifest" in error + proc.stdout, proc.stderr
     with pytest.raises(RetrievalError):
         retrieval.open_index(index, device="cpu")

@@ -145,8 +145,11 @@ def bench_index(n: int = 1_000_000, dim: int = 256, store: str | os.PathLike | N
     from indexers.build import build_index
     from indexers.choose import choose_index, estimate_bytes, parse_memory
     from indexers.ground_truth import ann_recall, exact_search
+    from retrieval.search import check_threads
 
     budget = parse_memory(memory_budget)
+    if threads is not None:
+        check_threads(threads)
     previous_threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
     try:

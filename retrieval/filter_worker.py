@@ -1,0 +1,136 @@
+"""`where` filters run in a child process with a memory limit, so that no filter can exhaust the searcher.
+
+Some allowed SQL functions grow values without bound (`replace(text, ' ', text)` nested, edit distances over
+those), and DuckDB's own memory limit does not cover them. The child holds one copy of the table, sent once
+as an Arrow stream, and answers filters one at a time (retrieval.filters.filter_rows) under RLIMIT_DATA;
+past it DuckDB or Python fails with out-of-memory, which comes back as one error line. A child that dies or
+overruns its time is killed and replaced on the next filter. The child exits when its parent goes.
+
+Messages, both ways, are an 8-byte length and a payload: first the table, then for each filter a JSON
+request; the answer is JSON (`rows` count or `error`), followed by the rows as int64 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from retrieval.errors import RetrievalError
+from retrieval.filters import FILTER_SECONDS
+
+FILTER_MEMORY = 2 * 2**30  # bytes a filter may use beyond the table the child holds
+LENGTH = struct.Struct("<Q")
+
+
+class FilterWorker:
+    """Answers `rows(where)` over one Arrow table from a sandboxed child process."""
+
+    def __init__(self, table):
+        self.table = table
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def rows(self, where: str, column: str = "row") -> np.ndarray:
+        """The values of `column` (int64, ascending) of the rows that satisfy `where`."""
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            deadline = time.monotonic() + FILTER_SECONDS + 10
+            try:
+                _send(self.proc.stdin, json.dumps({"where": where, "column": column}).encode())
+                answer = json.loads(_receive(self.proc.stdout.fileno(), deadline))
+                if "error" in answer:
+                    raise RetrievalError(answer["error"])
+                return np.frombuffer(_receive(self.proc.stdout.fileno(), deadline), dtype=np.int64).copy()
+            except (TimeoutError, EOFError, BrokenPipeError) as e:
+                self.close()
+                what = "took too long" if isinstance(e, TimeoutError) else "needed more memory than a filter may use"
+                raise RetrievalError(f"--where filter {what} and was stopped") from None
+
+    def _start(self) -> None:
+        import pyarrow as pa
+
+        limit = FILTER_MEMORY + 2 * self.table.nbytes
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this very package, not one in the cwd
+        code = f"import sys; sys.path.insert(0, {here!r}); from retrieval.filter_worker import serve; serve({limit})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self.table.schema) as writer:
+            writer.write_table(self.table)
+        _send(self.proc.stdin, sink.getvalue().to_pybytes())
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _send(pipe, payload: bytes) -> None:
+    pipe.write(LENGTH.pack(len(payload)) + payload)
+    pipe.flush()
+
+
+def _receive(fd: int, deadline: float | None = None) -> bytes:
+    (size,) = LENGTH.unpack(_read_exact(fd, LENGTH.size, deadline))
+    return _read_exact(fd, size, deadline)
+
+
+def _read_exact(fd: int, size: int, deadline: float | None) -> bytes:
+    chunks, left = [], size
+    while left:
+        if deadline is not None and not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise TimeoutError
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def serve(limit: int) -> None:
+    """The child: read the table, then answer filters until the parent closes the pipe."""
+    import resource
+
+    import pyarrow as pa
+
+    from retrieval.errors import first_line
+    from retrieval.filters import filter_rows
+
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    requests, answers = sys.stdin.buffer.fileno(), os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout = sys.stderr  # nothing else may write into the answers
+    try:
+        table = pa.ipc.open_stream(_receive(requests)).read_all()
+        while True:
+            request = json.loads(_receive(requests))
+            try:
+                rows = filter_rows(table, request["where"], request["column"])
+            except RetrievalError as e:
+                _send(answers, json.dumps({"error": str(e)}).encode())
+                continue
+            except MemoryError:
+                _send(answers, json.dumps({"error": "--where filter needed more memory than a filter may use and "
+                                                    "was stopped"}).encode())
+                continue
+            except Exception as e:  # anything else is the filter's fault too: one line, and serve on
+                _send(answers, json.dumps({"error": f"invalid --where filter: {first_line(e)}"}).encode())
+                continue
+            _send(answers, json.dumps({"rows": len(rows)}).encode())
+            _send(answers, rows.astype(np.int64).tobytes())
+    except EOFError:
+        return
+
