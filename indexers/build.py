@@ -31,7 +31,8 @@ class BuiltIndex:
     notes: list[str] = field(default_factory=list)
 
 
-MAX_KEY_NUMBER = 1 << 24
+MAX_LISTS = 1 << 24  # IVF lists
+MAX_KEY_NUMBER = 4096  # any other number: graph degree, dimensions, sub-quantizers, bits
 
 
 def check_index_key(key: str) -> None:
@@ -41,11 +42,11 @@ def check_index_key(key: str) -> None:
         raise RetrievalError(f"--index-key {key!r} is not a FAISS factory string (e.g. Flat, HNSW32, IVF1024,SQ8)")
     if "IDMap" in key:
         raise RetrievalError("--index-key names the index alone: retrieval keys it by row ids itself (drop IDMap)")
-    for name, number in re.findall(r"([A-Za-z]+)(\d+)", key):
+    for name, number in re.findall(r"([A-Za-z]*)(\d+)", key):  # every number, with the letters before it
         value = int(number)
-        low, high = (2, 512) if name.endswith(("HNSW", "NSG")) else (1, MAX_KEY_NUMBER)
+        low, high = {"IVF": (1, MAX_LISTS), "HNSW": (2, 512), "NSG": (2, 512)}.get(name, (1, MAX_KEY_NUMBER))
         if not low <= value <= high:
-            raise RetrievalError(f"--index-key {key!r}: {name}{number} is out of range ({name} takes {low} to {high})")
+            raise RetrievalError(f"--index-key {key!r}: {name}{number} is out of range ({low} to {high})")
 
 
 @contextlib.contextmanager

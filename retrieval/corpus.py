@@ -172,8 +172,8 @@ def _infer_number_column(records: list[dict[str, Any]], column: str) -> None:
     """CSV values are strings; make a column numeric when every value in it parses as one."""
     values = [r[column] for r in records if READ_ERROR not in r and r.get(column) is not None]
     for kind, pattern in ((int, INTEGER), (float, DECIMAL)):
-        if not all(pattern.fullmatch(v) for v in values):
-            continue
+        if not all(pattern.fullmatch(v) and not (INTEGER.fullmatch(v) and abs(int(v)) >= 2**63) for v in values):
+            continue  # an integer past int64 is a code to keep whole, not a number to round
         it = iter([kind(v) for v in values])
         for r in records:
             if READ_ERROR not in r and r.get(column) is not None:
@@ -307,6 +307,23 @@ def check_column_names(names: list[Any]) -> None:
         seen[folded] = name
 
 
+def _as_strings(rows: list[dict[str, Any]], key: str) -> None:
+    """Store a column's values as text: JSON for objects and lists, str() for the rest."""
+    for row in rows:
+        if row.get(key) is not None and not isinstance(row[key], str):
+            row[key] = json.dumps(row[key]) if isinstance(row[key], (dict, list)) else str(row[key])
+
+
+def _parquet_can_hold(field: pa.Field) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.ParquetWriter(pa.BufferOutputStream(), pa.schema([field])).close()
+        return True
+    except (pa.ArrowException, OverflowError):
+        return False
+
+
 def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Build the table; a metadata column whose values mix types is kept as strings."""
     columns: dict[str, set[type]] = {}
@@ -315,10 +332,9 @@ def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
             if value is not None:
                 columns.setdefault(key, set()).add(type(value))
     for key, types in columns.items():
-        if len(types - {int, float}) > 0 and len(types) > 1:
-            for row in rows:
-                if row.get(key) is not None and not isinstance(row[key], str):
-                    row[key] = json.dumps(row[key]) if isinstance(row[key], (dict, list)) else str(row[key])
+        mixed = len(types - {int, float}) > 0 and len(types) > 1
+        if mixed or (int in types and any(abs(r[key]) >= 2**63 for r in rows if isinstance(r.get(key), int))):
+            _as_strings(rows, key)
     fixed = {"position": pa.int64(), "id": pa.string(), "image": pa.string(), "text": pa.string(),
              "error": pa.string()}
     names = list(dict.fromkeys(key for row in rows for key in row))  # every key, not just the first row's
@@ -330,8 +346,13 @@ def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
                 table = table.append_column(name, pa.nulls(table.num_rows, typ))
             elif table.schema.field(name).type != typ:
                 table = table.set_column(table.column_names.index(name), name, table[name].cast(typ))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError) as e:
         raise RetrievalError(f"corpus metadata cannot be stored: {first_line(e)}") from None
+    unstorable = [name for name in table.column_names if not _parquet_can_hold(table.schema.field(name))]
+    if unstorable:  # a struct with no fields ({} in every row), say: kept as its JSON text
+        for name in unstorable:
+            _as_strings(rows, name)
+        return _to_table(rows)
     order = list(fixed) + [c for c in table.column_names if c not in fixed]
     return table.select(order)
 

@@ -47,13 +47,17 @@ class FilterWorker:
             try:
                 _send(self.proc.stdin, json.dumps({"where": where, "column": column}).encode())
                 answer = json.loads(_receive(self.proc.stdout.fileno(), deadline))
-                if "error" in answer:
-                    raise RetrievalError(answer["error"])
-                return np.frombuffer(_receive(self.proc.stdout.fileno(), deadline), dtype=np.int64).copy()
+                rows = b"" if "error" in answer else _receive(self.proc.stdout.fileno(), deadline)
             except (TimeoutError, EOFError, BrokenPipeError) as e:
                 self.close()
                 what = "took too long" if isinstance(e, TimeoutError) else "needed more memory than a filter may use"
                 raise RetrievalError(f"--where filter {what} and was stopped") from None
+            except BaseException:  # interrupted mid-answer (Ctrl-C, a caller's timeout): its answer must not be
+                self.close()       # read as the next filter's
+                raise
+        if "error" in answer:
+            raise RetrievalError(answer["error"])
+        return np.frombuffer(rows, dtype=np.int64).copy()
 
     def _start(self) -> None:
         import pyarrow as pa
@@ -61,8 +65,8 @@ class FilterWorker:
         limit = FILTER_MEMORY + 2 * self.table.nbytes
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this very package, not one in the cwd
         code = f"import sys; sys.path.insert(0, {here!r}); from retrieval.filter_worker import serve; serve({limit})"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([sys.executable, "-I", "-c", code], stdin=subprocess.PIPE,  # -I: no module
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # from the cwd, no PYTHON*
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, self.table.schema) as writer:
             writer.write_table(self.table)

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from retrieval.errors import RetrievalError, first_line
 from retrieval.files import atomic_path
@@ -66,6 +66,8 @@ def _decode(file, path: Path, max_pixels: int) -> Image.Image:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageReadError(f"image too large (decompression bomb): {path}") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"cannot decode image: not a {', '.join(IMAGE_FORMATS)} file ({path})") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise ImageReadError(f"cannot decode image: {first_line(e)} ({path})") from None
 
@@ -98,12 +100,16 @@ def _grey_to_rgb(values: np.ndarray, full_scale: float | None = None) -> Image.I
     """Grey samples scaled from their full scale to 8 bits. Mode I and F files do not say their scale: floats up
     to 1 are taken as [0, 1], other values as 8-, 16- or 32-bit by their largest sample."""
     floats = values.dtype.kind == "f"
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+    values = values.astype(np.float32)  # one working copy (a 64 Mpx image: 256 MB), changed in place
+    np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    np.clip(values, 0, None, out=values)
     if full_scale is None:
         top = float(values.max()) if values.size else 0.0
         full_scale = 1.0 if floats and top <= 1.0 else next((s for s in (255.0, 65535.0) if top <= s), 4294967295.0)
-    grey = np.round(values.clip(max=full_scale) * (255.0 / full_scale)).astype(np.uint8)
-    return Image.fromarray(grey).convert("RGB")
+    np.clip(values, 0, full_scale, out=values)
+    values *= 255.0 / full_scale
+    np.rint(values, out=values)
+    return Image.fromarray(values.astype(np.uint8)).convert("RGB")
 
 
 def image_to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import RetrievalError
-from retrieval.indexing import INDEX_JSON, read_index_file, read_index_json
+from retrieval.index_folder import INDEX_JSON, read_index_folder
 from retrieval.store import EmbeddingStore
 
 EXACT_FILTER_MAX = 20_000  # allowed rows up to this are searched exactly
@@ -61,7 +61,7 @@ class SearchIndex:
         from retrieval.encoders.registry import list_configs
 
         self.path = Path(path)
-        self.info, self.index = open_index_files(self.path)
+        self.info, self.index = read_index_folder(self.path)
         store_path = Path(self.info["store"]["path"])
         self.store = EmbeddingStore(store_path if store_path.is_absolute() else self.path / store_path)
         self._metadata = None
@@ -153,6 +153,8 @@ class SearchIndex:
         """(scores, row ids) [m, k] for query vectors; missing results are -inf / -1."""
         check_k(k)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if where is not None and not isinstance(where, str):
+            raise RetrievalError(f"invalid --where filter: it must be a string, not {type(where).__name__}")
         if where is None or not where.strip():
             scores, rows = self._index_search(queries, k)
             if (rows[:, : min(k, self.index.ntotal)] < 0).any():  # an ANN index can come up short for a big k
@@ -230,7 +232,7 @@ def check_threads(n: int) -> None:
 
 
 def check_k(k: int) -> None:
-    if not isinstance(k, int) or k <= 0:
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise RetrievalError(f"k must be a positive integer, got {k}")
 
 
@@ -248,6 +250,12 @@ def check_rerank(image, text: str | None, rerank: int, encoder=None) -> None:
 
 def check_query(image, text: str | None) -> str | None:
     """The query's text (None when blank); a query with neither image nor text is refused."""
+    from PIL import Image
+
+    if text is not None and not isinstance(text, str):
+        raise RetrievalError(f"the query text must be a string, not {type(text).__name__}")
+    if image is not None and not isinstance(image, (str, os.PathLike, Image.Image)):
+        raise RetrievalError(f"the query image must be a path or a PIL image, not {type(image).__name__}")
     text = text if text and text.strip() else None
     if text is not None and any("\udc80" <= ch <= "\udcff" for ch in text):  # bytes that were not UTF-8
         raise RetrievalError("the query text is not valid UTF-8")
@@ -269,20 +277,6 @@ def selector_params(index, selector, search_params: str | None):
     if isinstance(inner, faiss.IndexIVF) and not isinstance(index, faiss.IndexIDMap2):
         return faiss.SearchParametersIVF(sel=selector, nprobe=int(knobs.get("nprobe", 1)))
     return None
-
-
-def open_index_files(folder: Path, attempts: int = 3):
-    """index.json and the FAISS index it names, read as one pair: when a build commits in between (the file
-    named is gone), index.json is read again."""
-    for attempt in range(attempts):
-        info = read_index_json(folder)
-        try:
-            return info, read_index_file(folder, info)
-        except FileNotFoundError:
-            if attempt == attempts - 1 or read_index_json(folder) == info:
-                raise RetrievalError(f"{folder / info['file']}, named by index.json, is missing; rebuild the index"
-                                     ) from None
-    raise AssertionError("unreachable")
 
 
 def open_index(path: str | os.PathLike, device: str = "auto", model: str | None = None,

@@ -145,8 +145,13 @@ class EmbeddingStore:
                 elif not full and tail_sha256(path) != part["tail_sha256"]:
                     problems.append(f"{part['file']}: its footer checksum differs from the manifest")
                 elif full:
-                    for batch in self._batches(path, ["embedding"], 65536):
+                    expected = part["rows"][0]
+                    for batch in self._batches(path, ["row", "embedding"], 65536):
                         self._vectors(batch, path)
+                        rows = batch.column("row").to_numpy()
+                        if not np.array_equal(rows, np.arange(expected, expected + len(rows))):
+                            raise RetrievalError(f"its row ids are not the manifest's range {part['rows']}")
+                        expected += len(rows)
             except FileNotFoundError:
                 problems.append(f"{part['file']}: missing")
             except RetrievalError as e:
@@ -247,6 +252,7 @@ def reading(path: Path) -> Iterator[None]:
 
 
 MAX_DIM = 65536
+CORE_COLUMNS = ("row", "id", "image", "text", "embedding")
 
 
 def manifest_problem(manifest: dict[str, Any]) -> str | None:
@@ -261,8 +267,11 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     if not has_type(manifest.get("complete", False), bool):
         return "complete must be true or false"
     extra = manifest.get("extra_columns", [])
-    if not isinstance(extra, list) or not all(isinstance(c, str) for c in extra):
-        return "extra_columns must be a list of column names"
+    if not isinstance(extra, list) or not all(isinstance(c, str) and c not in CORE_COLUMNS for c in extra):
+        return f"extra_columns must be a list of column names other than {', '.join(CORE_COLUMNS)}"
+    files = [p.get("file") for p in manifest["parts"] if isinstance(p, dict)]
+    if len(set(map(str, files))) != len(files):
+        return "a part file is listed twice"
     expected_row = 0
     for i, part in enumerate(manifest["parts"]):
         if not isinstance(part, dict) or not all(has_type(part.get(k), t) for k, t in

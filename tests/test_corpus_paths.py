@@ -292,3 +292,14 @@ def test_search_json_has_no_nan(tmp_path):
     out = run_cli("search", "--index", tmp_path / "idx", "--text", "a red circle", "--json").stdout
     hits = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in JSON output"))
     assert {h["id"]: h["weight"] for h in hits} == {"a": None, "b": 1.5}
+
+
+def test_values_parquet_cannot_hold_as_they_are_are_kept_as_text(tmp_path):
+    """An integer past int64 (CSV or JSONL) and an object that is {} in every row are stored as their text."""
+    (tmp_path / "m.csv").write_text("id,text,big\na,x,99999999999999999999999\nb,y,3\n")
+    assert read_corpus(tmp_path / "m.csv").table["big"].to_pylist() == ["99999999999999999999999", "3"]
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "x", "big": 99999999999999999999999, "v": {}}\n'
+                                      '{"id": "b", "text": "y", "big": 3, "v": {}}\n')
+    out = tmp_path / "store"
+    encode_corpus(tmp_path / "m.jsonl", out, "test-tiny", workers=0, progress=False)
+    assert store_values(out, "big") == ["99999999999999999999999", "3"] and store_values(out, "v") == ["{}", "{}"]

@@ -157,3 +157,49 @@ def test_a_filter_that_grows_without_bound_is_stopped_by_the_memory_limit(sandbo
         searcher.filter_rows(f"damerau_levenshtein({grown}, {grown}) > 0")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 2**10  # KiB: not in this process
     assert len(searcher.filter_rows("split = 'test'")) > 0
+
+
+def test_a_module_in_the_working_folder_cannot_take_the_filter_child(sandbox, tmp_path, monkeypatch):
+    """The child starts isolated (-I): a duckdb.py where the user stands is not imported in place of DuckDB."""
+    (tmp_path / "duckdb.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\nraise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    searcher = retrieval.open_index(sandbox[0], device="cpu")
+    assert len(searcher.filter_rows("split = 'test'")) > 0
+    assert not (tmp_path / "ran").exists()
+
+
+def test_an_interrupted_filter_does_not_answer_the_next_one(sandbox, shapes_corpus):
+    """Interrupted while its child works (a signal here; Ctrl-C or a server's timeout alike), the next filter
+    still gets its own rows, not the interrupted one's."""
+    import signal
+
+    records = [json.loads(line) for line in shapes_corpus.read_text().splitlines() if line.strip()]
+    searcher = retrieval.open_index(sandbox[0], device="cpu")
+    grown = "substr(replace(replace(text, ' ', text), ' ', text), 1, 2500)"
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(KeyboardInterrupt):
+            searcher.filter_rows(f"levenshtein({grown}, {grown}) > 0")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    for split in ("test", "val"):
+        assert searcher.filter_rows(f"split = '{split}'").tolist() == \
+            [i for i, r in enumerate(records) if r["split"] == split]
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    ({"text": 5}, "query text must be a string"),
+    ({"image": 5}, "query image must be a path or a PIL image"),
+    ({"text": "red", "k": True}, "k must be a positive integer"),
+    ({"text": "red", "where": ["split = 'test'"]}, "must be a string, not list"),
+    ({"text": "red", "where": b"split = 'test'"}, "must be a string, not bytes"),
+])
+def test_python_api_arguments_of_the_wrong_type_are_one_clear_error(arguments, fragment, index):
+    with pytest.raises(RetrievalError, match=fragment):
+        index.search(**arguments)

@@ -126,7 +126,7 @@ def test_only_image_formats_are_decoded_whatever_the_name(tmp_path):
     from retrieval.images import ImageReadError
 
     (tmp_path / "evil.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
-    with pytest.raises(ImageReadError, match="cannot decode image: cannot identify image file"):
+    with pytest.raises(ImageReadError, match="cannot decode image: not a JPEG, PNG, BMP, GIF, WEBP, TIFF file"):
         load_image(tmp_path / "evil.png")
     Image.fromarray(COLOUR).save(tmp_path / "photo.png", format="JPEG")
     assert load_image(tmp_path / "photo.png").size == (W, H)

@@ -16,8 +16,8 @@ from conftest import durability_calls, kill_at, needs_strace, run_cli
 
 import retrieval
 from retrieval import RetrievalError
-from retrieval.indexing import INDEX_JSON, build_index_folder, read_index_json
-from retrieval.search import open_index_files
+from retrieval.index_folder import INDEX_JSON, read_index_folder, read_index_json
+from retrieval.indexing import build_index_folder
 
 KINDS = {"Flat": faiss.IndexFlat, "HNSW32": faiss.IndexHNSW}
 
@@ -63,16 +63,16 @@ def test_a_rebuild_replaces_the_pair_and_clears_what_a_killed_build_left(flat_fo
 
 def test_a_reader_that_loses_the_race_with_a_commit_reads_the_new_pair(flat_folder, shapes_store, tmp_path,
                                                                       monkeypatch):
-    import retrieval.search as search
+    import retrieval.index_folder as index_folder
 
     folder = tmp_path / "index"
     shutil.copytree(flat_folder, folder)
     stale = read_index_json(folder)
     build_index_folder(shapes_store, folder, index_key="HNSW32", progress=False)  # commits, removes stale file
     answers = iter([stale])
-    real = search.read_index_json
-    monkeypatch.setattr(search, "read_index_json", lambda f: next(answers, None) or real(f))
-    info, index = open_index_files(folder)
+    real = index_folder.read_index_json
+    monkeypatch.setattr(index_folder, "read_index_json", lambda f: next(answers, None) or real(f))
+    info, index = read_index_folder(folder)
     assert info["index_key"] == "HNSW32" and index_kind(index) == "HNSW32"
 
 
@@ -129,6 +129,8 @@ def damage(folder: Path, how: str) -> None:
         "a checkpoint that is not a path": lambda: write(info, encoder=info["encoder"] | {"checkpoint": 5}),
         "a fusion mode that is a list": lambda: write(info, encoder=info["encoder"] | {"fusion_mode": [1]}),
         "deep nesting": lambda: (folder / INDEX_JSON).write_text("[" * 100_000 + "]" * 100_000),
+        "no checksum": lambda: write(info, file_sha256=None),
+        "an empty checksum": lambda: write(info, file_sha256=""),
         "legacy folder with garbage": lambda: legacy_garbage(folder, info, data),
     }
     edits[how]()
@@ -145,7 +147,7 @@ DAMAGE = ["empty index file", "truncated index file", "garbage index file", "one
           "index.json not JSON", "index.json a list", "index.json without count", "index.json with a string dim",
           "index.json with a bool count", "index.json store not an object", "index.json naming a path",
           "search params it does not take", "legacy folder with garbage", "a checkpoint that is not a path",
-          "a fusion mode that is a list", "deep nesting"]
+          "a fusion mode that is a list", "deep nesting", "no checksum", "an empty checksum"]
 
 
 @pytest.mark.parametrize("how", DAMAGE)
@@ -171,7 +173,7 @@ def test_a_damaged_index_folder_is_one_error_line_from_the_cli(how, flat_folder,
 
 @pytest.mark.parametrize("key", ["HNSW0", "HNSW1", "NSG0", "HNSW-1", "HNSW99999999", "IVF0,Flat", "PQ0", "PCA0,Flat",
                                  "IDMap2,Flat", "OPQ1000,IVF1,Flat", "IVF4,PQ64x16", "Flat,Flat", "LSH", "Flat;",
-                                 ""])
+                                 "", "RR100000,Flat", "OPQ16_100000,IVF1,Flat"])
 def test_a_key_faiss_cannot_build_is_one_clear_error(key, shapes_store, tmp_path):
     """Keys that would abort the process inside FAISS (HNSW0), hang it (NSG0), exhaust memory (HNSW99999999),
     build an index that can never be searched (IVF0) or fail deep in training are refused up front or as one
@@ -181,12 +183,13 @@ def test_a_key_faiss_cannot_build_is_one_clear_error(key, shapes_store, tmp_path
     assert not (tmp_path / "index" / INDEX_JSON).exists()
 
 
-def test_a_folder_of_another_tool_is_not_taken_for_an_index_folder(shapes_store, tmp_path):
+@pytest.mark.parametrize("theirs", [["index.faiss", "notes.md"], ["store/", "notes.md"]])
+def test_a_folder_of_another_tool_is_not_taken_for_an_index_folder(theirs, shapes_store, tmp_path):
     folder = tmp_path / "theirs"
     folder.mkdir()
-    (folder / "index.faiss").write_text("their index")
-    (folder / "notes.md").write_text("their notes")
+    for name in theirs:
+        (folder / name).mkdir() if name.endswith("/") else (folder / name).write_text(f"their {name}")
     with pytest.raises(RetrievalError, match="exists and is not an index folder"):
         build_index_folder(shapes_store, folder, progress=False)
-    assert sorted(p.name for p in folder.iterdir()) == ["index.faiss", "notes.md"]
-    assert (folder / "index.faiss").read_text() == "their index"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(n.rstrip("/") for n in theirs)
+    assert all((folder / n).read_text() == f"their {n}" for n in theirs if not n.endswith("/"))

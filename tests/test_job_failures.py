@@ -18,7 +18,8 @@ import pytest
 from conftest import RETRIEVAL, STRACE, kill_at, needs_strace, run_cli
 
 import retrieval
-from retrieval.indexing import INDEX_JSON, build_index_folder, read_index_json
+from retrieval.index_folder import INDEX_JSON, read_index_json
+from retrieval.indexing import build_index_folder
 from retrieval.store import EmbeddingStore
 
 N = 240

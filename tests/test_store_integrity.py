@@ -4,6 +4,7 @@ of every file. Each damage keeps the part's size and modification time, as a fli
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -126,7 +127,7 @@ def test_store_verify_checks_every_byte(copy):
 
 EDITS = ["not JSON", "a list", "count off", "a part outside the folder", "no parts", "a part without checksums",
          "extra_columns a number", "extra_columns of objects", "another dim", "deep nesting", "complete a string",
-         "negative count"]
+         "negative count", "extra_columns naming row", "a part listed twice"]
 
 
 @pytest.mark.parametrize("edit", EDITS)
@@ -148,6 +149,9 @@ def test_a_malformed_store_manifest_is_one_clear_error(copy, edit):
         "deep nesting": "[" * 100_000 + "]" * 100_000,
         "complete a string": json.dumps(manifest | {"complete": "false"}),
         "negative count": json.dumps(manifest | {"count": -5, "parts": []}),
+        "extra_columns naming row": json.dumps(manifest | {"extra_columns": ["row"]}),
+        "a part listed twice": json.dumps(manifest | {"parts": [manifest["parts"][0], manifest["parts"][0] | {
+            "rows": [600, 1200]}]}),
     }[edit]
     (store / "manifest.json").write_text(text)
     proc = run_cli("store", "verify", store, check=False)
@@ -156,3 +160,19 @@ def test_a_malformed_store_manifest_is_one_clear_error(copy, edit):
     assert error.startswith("error: ") and "manifest" in error + proc.stdout, proc.stderr
     with pytest.raises(RetrievalError):
         retrieval.open_index(index, device="cpu")
+
+
+def test_store_verify_checks_row_ids_against_the_manifest(copy):
+    """A part whose row ids are not its manifest range (rewritten whole, its checksums recorded again) would
+    give hits the wrong metadata: the full check reads them."""
+    store, _ = copy
+    part = EmbeddingStore(store).part_paths[1]
+    table = pq.read_table(part)
+    pq.write_table(table.set_column(0, "row", pa.array(np.arange(len(table), dtype=np.int64))), part)
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["parts"][1] |= {"sha256": hashlib.sha256(part.read_bytes()).hexdigest(), "bytes": part.stat().st_size,
+                             "tail_sha256": tail_sha256(part)}
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli("store", "verify", store, check=False)
+    assert proc.returncode == 2 and f"damaged: {part.name}: its row ids are not the manifest's range [600, 1200]" \
+        in proc.stdout
