@@ -12,6 +12,7 @@ symlink between the check and the read is still refused.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from dataclasses import asdict, dataclass
@@ -72,8 +73,6 @@ class PathPolicy:
 
 def read_text(file: BinaryIO, max_chars: int) -> tuple[str, bool]:
     """At most `max_chars` characters of UTF-8 text (bad bytes kept as surrogates), and whether there was more."""
-    import io
-
     with io.TextIOWrapper(file, encoding="utf-8-sig", errors="surrogateescape") as text:
         value = text.read(max_chars + 1)
     return value[:max_chars], len(value) > max_chars
