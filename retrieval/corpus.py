@@ -6,17 +6,16 @@ of being dropped, so the encode job can report them in errors.parquet.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from retrieval.csv_manifest import as_numbers, read_csv_rows
 from retrieval.errors import RetrievalError, first_line
 from retrieval.files import sha256_file
 from retrieval.images import IMAGE_SUFFIXES
@@ -26,8 +25,6 @@ MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 RESERVED_COLUMNS = ("row", "embedding", "position", "error", "rank", "score")
 MAX_TEXT_CHARS = 20_000
 READ_ERROR: Any = object()  # the key under which a reader gives a record's reason: no column can be named so
-INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")  # CSV numbers as people write them: no 007, 1_000, ' 12 ' or nan
-DECIMAL = re.compile(r"-?((0|[1-9][0-9]*)(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
 
 
 @dataclass
@@ -99,86 +96,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        lines = list(f)
-    try:
-        header = next(csv.reader(lines[:1]))
-    except (StopIteration, csv.Error):
-        header = []
-    if not header or not all(name.strip() for name in header):
-        raise RetrievalError(f"corpus {path} has no header row, or a column without a name in it (line 1)")
-    if len(set(header)) != len(header):
-        twice = next(name for name in header if header.count(name) > 1)
-        raise RetrievalError(f"corpus {path} names column {twice!r} twice in its header")
+    header, rows = read_csv_rows(path)
     records = [{k: (v if v != "" else None) for k, v in zip(header, values)} if isinstance(values, list)
-               else {READ_ERROR: values} for values in _csv_rows(lines, len(header))]
+               else {READ_ERROR: values} for values in rows]
     for column in set(header) - {"id", "image", "text"}:
-        _infer_number_column(records, column)
+        kept = [r for r in records if READ_ERROR not in r and r.get(column) is not None]
+        parsed = as_numbers([r[column] for r in kept])
+        for r, value in zip(kept, parsed or []):
+            r[column] = value
     return records
-
-
-def _csv_rows(lines: list[str], width: int) -> list[list[str] | str]:
-    """The rows after the header: each its values, or the reason it is broken.
-
-    A broken row (a wrong field count, a field over csv's size limit, an unterminated quote that runs on into
-    the lines after it) is reported, and reading starts again on the line after its first, so the rows that a
-    stray quote swallowed are still read."""
-    rows: list[list[str] | str] = []
-    at = 1  # index in `lines` of the next record; lines[i] is line i + 1 of the file
-    while at < len(lines):
-        base, restart = at, None
-        reader = csv.reader((lines[i] for i in range(base, len(lines))), strict=True)
-        try:
-            for values in reader:
-                first, at = at, base + reader.line_num  # this record spans lines[first:at]
-                if not values:
-                    continue
-                spans = at - first
-                runs_on = spans > 1 and (len(values) != width or _looks_like_rows(lines[first + 1:at], width))
-                if runs_on:
-                    rows.append(f"broken manifest row (line {first + 1}): a quote left open runs on into "
-                                f"{spans - 1} more line{'s' if spans > 2 else ''}")
-                    restart = first + 1
-                    break
-                if len(values) != width:
-                    rows.append(f"broken manifest row (line {first + 1}): {len(values)} fields, "
-                                f"the header has {width}")
-                    continue
-                rows.append(values)
-        except csv.Error as e:
-            reason = "a quote left open runs on to the end of the file" if "end of data" in str(e) else str(e)
-            rows.append(f"broken manifest row (line {at + 1}): {reason}")
-            restart = at + 1
-        if restart is None:
-            break
-        at = restart
-    return rows
-
-
-def _looks_like_rows(lines: list[str], width: int) -> bool:
-    """Whether most of these lines (inside one quoted field) would each be a row of `width` fields on their own."""
-    if width < 2 or not lines:
-        return False
-    rows = 0
-    for line in lines:
-        try:
-            rows += len(next(csv.reader([line]), [])) == width
-        except csv.Error:
-            pass
-    return rows > 0 and 2 * rows >= len(lines)
-
-
-def _infer_number_column(records: list[dict[str, Any]], column: str) -> None:
-    """CSV values are strings; make a column numeric when every value in it parses as one."""
-    values = [r[column] for r in records if READ_ERROR not in r and r.get(column) is not None]
-    for kind, pattern in ((int, INTEGER), (float, DECIMAL)):
-        if not all(pattern.fullmatch(v) and not (INTEGER.fullmatch(v) and abs(int(v)) >= 2**63) for v in values):
-            continue  # an integer past int64 is a code to keep whole, not a number to round
-        it = iter([kind(v) for v in values])
-        for r in records:
-            if READ_ERROR not in r and r.get(column) is not None:
-                r[column] = next(it)
-        return
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:

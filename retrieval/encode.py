@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from retrieval.corpus import Corpus, read_corpus
 from retrieval.errors import RetrievalError
-from retrieval.files import LOCK_FILE, atomic_path, check_out_folder, folder_lock, is_leftover
+from retrieval.files import atomic_path, check_out_folder, folder_lock, remove_leftovers
 from retrieval.images import ImageReadError, load_image
 from retrieval.paths import excerpt
 from retrieval.store import DTYPES, ERRORS, FORMAT, MANIFEST, VERSION, embedding_array, part_name, write_part
@@ -228,9 +228,7 @@ def _start_or_resume(out: Path, corpus: Corpus, encoder, dtype: str, part_size: 
     for path in out.glob("part-*.parquet"):  # written by a killed run but never committed
         if path.name not in committed:
             path.unlink()
-    for path in out.iterdir():
-        if is_leftover(path) and path.name != LOCK_FILE:
-            path.unlink()
+    remove_leftovers(out)
     return manifest
 
 

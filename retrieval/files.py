@@ -24,6 +24,14 @@ def is_leftover(path: Path) -> bool:
     return path.name == LOCK_FILE or (path.name.startswith(".") and ".tmp-" in path.name)
 
 
+def remove_leftovers(folder: Path) -> None:
+    """Delete the temporary files that killed writers left in `folder` (not the lock: a live job may hold it).
+    Call it holding the folder's lock."""
+    for path in folder.iterdir():
+        if is_leftover(path) and path.name != LOCK_FILE:
+            path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced (if `durable`) and renamed over `path`,

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.errors import RetrievalError
-from retrieval.files import LOCK_FILE, durable_rename, has_type, is_leftover, sha256_file, temporary_name, write_json
+from retrieval.files import (
+    durable_rename,
+    has_type,
+    is_leftover,
+    remove_leftovers,
+    sha256_file,
+    temporary_name,
+    write_json,
+)
 from retrieval.store import EmbeddingStore
 
 INDEX_JSON = "index.json"
@@ -86,10 +94,10 @@ def clear_leftovers(out: Path) -> None:
     """Remove what a killed build left: temporary files, and index files of ours that index.json does not name."""
     if not out.is_dir():
         return
+    remove_leftovers(out)
     keep = committed_file(out)
     for path in out.iterdir():
-        stale_index = BUILT_FILE.fullmatch(path.name) and path.name != keep
-        if (is_leftover(path) and path.name != LOCK_FILE) or stale_index:
+        if BUILT_FILE.fullmatch(path.name) and path.name != keep:
             path.unlink()
 
 
