@@ -107,7 +107,7 @@ def clip_bpe(folder: Path) -> None:
 
 
 def official_fdt(path: Path) -> None:
-    from test_fdt import random_official_state, save_official
+    from test_fdt_import import random_official_state, save_official
 
     save_official(random_official_state(), path)
 
