@@ -25,7 +25,7 @@ app.add_typer(store_app, name="store")
 app.add_typer(bench_app, name="bench")
 
 DEVICE_HELP = "auto | cpu | cuda"
-FUSION_HELP = ("Late-fusion models (sparc, fdt): how an image and a text become one vector, score | head "
+FUSION_HELP = ("Late-fusion models: how an image and a text become one vector, score | head "
                "(default: score; for search, the index's).")
 # measured with `retrieval bench query` (100k index, 2 cores): composed p50 0.54 ms at 1 thread, 8 ms at 2
 QUERY_THREADS_HELP = "torch and FAISS threads: one query gains nothing from more, and waking them costs ms."
@@ -46,8 +46,8 @@ def encode(
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad item instead of skipping it."),
     part_size: int = typer.Option(10_000, "--part-size", help="Items per Parquet part (the resume unit)."),
     fusion: str | None = typer.Option(None, "--fusion", help=FUSION_HELP),
-    sparse_codes: bool = typer.Option(False, "--sparse-codes", help="fdt models: also store each item's active "
-                                                                    "codebook token ids and weights."),
+    sparse_codes: bool = typer.Option(False, "--sparse-codes", help="Models with sparse codes: also store each "
+                                                                    "item's active codebook token ids and weights."),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help=FOLLOW_HELP),
     root_only: bool = typer.Option(False, "--root-only", help=ROOT_ONLY_HELP),
 ) -> None:
@@ -101,12 +101,13 @@ def search(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: int = typer.Option(1, "--threads", help=QUERY_THREADS_HELP),
     fusion: str | None = typer.Option(None, "--fusion", help=FUSION_HELP),
-    rerank: int = typer.Option(0, "--rerank", help="Text → image with sparc models: re-score the best N images "
-                                                   "by ½ global + ½ fine-grained word-to-patch alignment; they "
-                                                   "come first, with that score."),
+    rerank: int = typer.Option(0, "--rerank", help="Text → image with models that align words to patches: "
+                                                   "re-score the best N images by ½ global + ½ fine-grained "
+                                                   "word-to-patch alignment; they come first, with that score."),
     explain: Path | None = typer.Option(None, "--explain", help="Write a PNG of why each hit matched: the patches "
-                                                                "each query word groups (sparc), the hit's strongest "
-                                                                "codebook tokens (fdt)."),
+                                                                "each query word groups (models that align words to "
+                                                                "patches), or the hit's strongest codebook tokens "
+                                                                "(models with sparse codes)."),
 ) -> None:
     """Search an index with an image, a text, or both."""
     from retrieval.search import check_k, check_query, check_rerank, open_index, set_threads
@@ -165,33 +166,37 @@ def models_list() -> None:
     _echo_table(rows)
 
 
-IMPORTERS = {"fuselip": "retrieval.encoders.fuselip.official:import_fuselip",
-             "fdt": "retrieval.encoders.fdt.official:import_fdt"}
+@models_app.command("families")
+def models_families() -> None:
+    """Encoder families: what each provides (training, an official importer and its options, capabilities)."""
+    from retrieval.encoders.families import families
+
+    rows = [("family", "trains", "imports", "capabilities", "description")]
+    for name, spec in families().items():
+        imports = "-"
+        if spec.importer:
+            imports = "; ".join([spec.importer.source] + [f"--option {name}=<{option['type']}>: {option['help']}"
+                                                          for name, option in spec.importer.options.items()])
+        rows.append((name, "yes" if spec.objective else "no", imports, ",".join(sorted(spec.capabilities)) or "-",
+                     spec.description))
+    _echo_table(rows)
 
 
 @models_app.command("import")
 def models_import(
-    family: str = typer.Argument(..., help="fuselip | fdt"),
-    source: Path = typer.Argument(..., help="The official checkpoint: fuselip, a folder with config.json and "
-                                            "pytorch_model.bin; fdt, the ckpt_*.pth.tar file."),
+    family: str = typer.Argument(..., help="The encoder family (`retrieval models families` lists importers)."),
+    source: Path = typer.Argument(..., help="The official checkpoint, as its family's importer takes it."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (our format)."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Folder with CLIP's vocab.json and merges.txt "
                                                                     "(default: the checkpoint's folder)."),
-    temperature: float | None = typer.Option(None, "--temperature", help="fdt: the temperature T it was trained "
-                                                                         "with (1000 for the released models)."),
+    option: list[str] = typer.Option([], "--option", help="NAME=VALUE: an option of the family's importer "
+                                                          "(repeatable; `retrieval models families` lists them)."),
 ) -> None:
     """Convert an official checkpoint to our format, offline; strict about every key."""
-    import importlib
+    from retrieval.encoders.families import family as family_spec
 
-    if family not in IMPORTERS:
-        raise RetrievalError(f"no importer for {family!r}; known: {', '.join(IMPORTERS)}")
-    options = {"tokenizer": tokenizer}
-    if family == "fdt":
-        options["temperature"] = temperature
-    elif temperature is not None:
-        raise RetrievalError("--temperature is for fdt checkpoints")
-    module, function = IMPORTERS[family].split(":")
-    path = getattr(importlib.import_module(module), function)(source, out, **options)
+    path = family_spec(family).import_checkpoint(source, out, tokenizer=tokenizer,
+                                                 options=parse_assignments(option, "--option"))
     typer.echo(f"imported {source} → {path} (use it as --model {path})")
 
 
@@ -233,15 +238,24 @@ def data_make(
         typer.echo(f"training pairs: {meta['train_pairs']} in {meta['train_groups']} groups ({out}/train/pairs.jsonl)")
 
 
+def parse_assignments(items: list[str], option: str) -> dict[str, str]:
+    """`OPTION NAME=VALUE` options as {NAME: VALUE}."""
+    values = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not (name and equals and value):
+            raise RetrievalError(f"{option} takes NAME=VALUE, not {item!r}")
+        values[name] = value
+    return values
+
+
 def parse_repeats(items: list[str]) -> dict[str, int]:
     """`--repeat NAME=K` options as {NAME: K}."""
-    repeats = {}
-    for item in items:
-        name, _, times = item.partition("=")
+    repeats = parse_assignments(items, "--repeat")
+    for name, times in repeats.items():
         if not times.isdigit() or int(times) < 1:
-            raise RetrievalError(f"--repeat takes NAME=K with K ≥ 1, not {item!r}")
-        repeats[name] = int(times)
-    return repeats
+            raise RetrievalError(f"--repeat takes NAME=K with K ≥ 1, not {name}={times!r}")
+    return {name: int(times) for name, times in repeats.items()}
 
 
 TRAINING_DATA_HELP = "Benchmark folder with training pairs (repeatable)."
@@ -310,7 +324,7 @@ def eval_(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(128, "--batch-size"),
     rerank: int = typer.Option(0, "--rerank", help="Also score text → image tasks with the best N re-ranked by "
-                                                   "fine-grained alignment (sparc models): a 'rerank@N' row."),
+                                                   "word-to-patch alignment, where a model has it: a 'rerank@N' row."),
 ) -> None:
     """Recall@k benchmarks: one table of every model (and fusion mode) × task."""
     from evaluation import report
@@ -402,7 +416,8 @@ def bench_encode(
 @bench_app.command("train")
 def bench_train(
     data: list[Path] = typer.Option(..., "--data", help=TRAINING_DATA_HELP),
-    model: str = typer.Option("fuselip-tiny", "--model", help="Registered FuseLIP model (fresh) or checkpoint."),
+    model: str = typer.Option("fuselip-tiny", "--model", help="Registered model with length-grouped training "
+                                                               "(fresh) or a checkpoint of one."),
     steps: int = typer.Option(40, "--steps", help="Steps, each run all three ways (the first few untimed)."),
     batch_size: int = typer.Option(128, "--batch-size"),
     caption_share: float = typer.Option(0.25, "--caption-share", help=CAPTION_SHARE_HELP + "."),
@@ -412,7 +427,7 @@ def bench_train(
     threads: int | None = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
-    """FuseLIP's training step: one padded batch, length groups, and length groups in bf16: s/step and ratios."""
+    """A training step three ways: one padded batch, length groups, and length groups in bf16: s/step and ratios."""
     from evaluation.bench import train
 
     report = train.bench_train(model, data, steps=steps, batch_size=batch_size, caption_share=caption_share,

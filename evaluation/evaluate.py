@@ -150,7 +150,7 @@ def reranker(encoder, task: Task, n: int) -> Rescorer:
 
 def fusion_modes(encoder) -> tuple[str, ...]:
     """The fusion modes to evaluate: each of a late-fusion encoder's modes, else its one fusion."""
-    return tuple(getattr(encoder, "fusion_modes", ())) or (encoder.fusion,)
+    return encoder.fusion_modes or (encoder.fusion,)
 
 
 def run_eval(tasks: str = "all", models: str | Sequence[str | Encoder] = "test-tiny",
@@ -184,13 +184,13 @@ def run_eval(tasks: str = "all", models: str | Sequence[str | Encoder] = "test-t
         encoder = load_encoder(model, device=device) if isinstance(model, (str, os.PathLike)) else model
         name = str(model) if isinstance(model, (str, os.PathLike)) else encoder.name
         for mode in fusion_modes(encoder):
-            if getattr(encoder, "fusion_modes", ()):
+            if encoder.fusion_modes:
                 encoder.fusion_mode = mode
             cache = EmbeddingCache(encoder, batch_size, progress)
             for task in loaded:
                 row = evaluate_task(task, cache, ks)
                 results.append({"model": name, "fusion": mode, **row})
-        if rerank and hasattr(encoder, "local_scores"):
+        if rerank and encoder.supports("word_alignment"):
             cache = EmbeddingCache(encoder, batch_size, progress)
             for task in filter(text_to_image, loaded):
                 row = evaluate_task(task, cache, ks, reranker(encoder, task, rerank))

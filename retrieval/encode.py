@@ -120,12 +120,13 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
     out = Path(out)
     check_out_folder(out, "an embedding store", lambda folder: (folder / MANIFEST).is_file())
     from retrieval.encoders import load_encoder
+    from retrieval.encoders.families import require
 
     started = time.perf_counter()
     corpus = read_corpus(corpus_path, follow_symlinks=follow_symlinks, root_only=root_only)
     encoder = load_encoder(model, device=device, fusion=fusion)
-    if sparse_codes and not encoder.extra_columns:
-        raise RetrievalError(f"{encoder.name} has no sparse codes to store (fdt models have)")
+    if sparse_codes:
+        require(encoder, "sparse_codes", "--sparse-codes")
     with folder_lock(out, "encode job"):
         return _encode(corpus, out, encoder, batch_size, workers, dtype, strict, part_size, progress, sparse_codes,
                        started)

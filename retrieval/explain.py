@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from retrieval.encoders.families import require
 from retrieval.errors import RetrievalError
 from retrieval.images import load_image, save_image
 
@@ -27,9 +28,8 @@ TOP_TOKENS = 5
 
 
 def check_explain(encoder, text: str | None) -> None:
-    if not (hasattr(encoder, "alignment") or hasattr(encoder, "activations")):
-        raise RetrievalError(f"--explain shows word-to-patch alignment (sparc) or codebook tokens (fdt), which "
-                             f"{encoder.name} does not have")
+    if not encoder.supports("sparse_codes"):
+        require(encoder, "word_alignment", "--explain (or sparse codes)")
     if not (text and text.strip()):
         raise RetrievalError("--explain needs a query --text: it shows where the query's words land in the hits")
 
@@ -37,7 +37,8 @@ def check_explain(encoder, text: str | None) -> None:
 def explain_hits(encoder, text: str | None, hits: list, out: str | os.PathLike) -> Path:
     """Draw why each hit matched `text` (see the module docstring); returns the PNG path."""
     check_explain(encoder, text)
-    sheet = alignment_sheet(encoder, text, hits) if hasattr(encoder, "alignment") else token_sheet(encoder, text, hits)
+    by_patches = encoder.supports("word_alignment")
+    sheet = alignment_sheet(encoder, text, hits) if by_patches else token_sheet(encoder, text, hits)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(sheet, out)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval.errors import RetrievalError
+from retrieval.encoders.families import require
 
 RERANK_WEIGHT = 0.5
 
 
 def check_reranker(encoder) -> None:
-    if not hasattr(encoder, "local_scores"):
-        raise RetrievalError(f"{encoder.name} has no fine-grained scores to re-rank with (sparc models have)")
+    require(encoder, "word_alignment", "--rerank")
 
 
 def rerank_top(encoder, text: str, images: list[str | None], scores: np.ndarray, n: int,

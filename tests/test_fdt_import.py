@@ -115,7 +115,7 @@ def official(tmp_path_factory):
     path = save_official(state, folder / "ckpt_3.pth.tar")
     vocab = write_clip_bpe(folder)
     out = tmp_path_factory.mktemp("imported") / "fdt"
-    proc = run_cli("models", "import", "fdt", path, "--out", out, "--temperature", "1000")
+    proc = run_cli("models", "import", "fdt", path, "--out", out, "--option", "temperature=1000")
     assert str(out) in proc.stdout
     return {"folder": folder, "path": path, "out": out, "state": state, "vocab": vocab}
 
@@ -286,13 +286,13 @@ def _broken(state: dict[str, torch.Tensor], case: str) -> dict[str, torch.Tensor
     ("unexpected", "unexpected keys: visual.extra_head.weight"),
     ("shape", "txt_query_model.q_map.4.weight (32, 31) (expected (32, 32))"),
     ("vocab", "encode_text.token_embedding has 49408 rows"),
-    ("no_temperature", "give --temperature"),
+    ("no_temperature", "give --option temperature="),
 ])
 def test_import_refusals_name_the_problem(official, tmp_path, capsys, case, message):
     path = save_official(_broken(official["state"], case), tmp_path / "ckpt_3.pth.tar")
     write_clip_bpe(tmp_path)
     out = tmp_path / "out"
-    temperature = [] if case == "no_temperature" else ["--temperature", "1000"]
+    temperature = [] if case == "no_temperature" else ["--option", "temperature=1000"]
     code, stderr = cli_in_process(capsys, "models", "import", "fdt", path, "--out", out, *temperature)
     assert code == 2 and message in stderr and "Traceback" not in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1

@@ -64,4 +64,4 @@ def test_bench_train_times_three_ways_on_equal_losses(tmp_path):
     assert report["max_relative_loss_difference"]["grouped"] < 1e-4
     assert report["max_relative_loss_difference"]["grouped-bf16"] < 3e-2
     other = run_cli("bench", "train", "--data", data, "--model", "sparc-tiny", "--steps", "7", check=False)
-    assert other.returncode == 2 and "FuseLIP" in other.stderr and "sparc" in other.stderr
+    assert other.returncode == 2 and "fuselip" in other.stderr and "sparc" in other.stderr

@@ -29,6 +29,7 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 40, batc
     from tqdm import tqdm
 
     from retrieval.devices import autocast_for, resolve_device
+    from retrieval.encoders.families import require
     from retrieval.encoders.fuselip.model import length_groups, row_lengths
     from retrieval.errors import RetrievalError
     from retrieval.training.loop import TrainConfig, training_batches
@@ -39,8 +40,7 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 40, batc
         raise RetrievalError(f"--steps must be more than the {WARMUP_STEPS} untimed warm-up steps")
     config = TrainConfig(batch_size=batch_size, caption_share=caption_share, repeats=repeats or {}, seed=seed)
     encoder = encoder_to_train(model)
-    if encoder.config.family != "fuselip":
-        raise RetrievalError(f"bench train times FuseLIP's length groups; {model} is a {encoder.config.family} model")
+    require(encoder, "length_groups", "bench train")
     device = resolve_device(device)
     pairs = read_pairs(data)
     objective = objective_for(encoder, pairs, device, progress)

@@ -64,6 +64,7 @@ class Encoder:
     """
 
     fusion: str = "early"
+    fusion_modes: tuple[str, ...] = ()  # a late-fusion model's ways of making one vector of an image and a text
     extra_columns: tuple[str, ...] = ()  # store columns `forward_columns` can add beside the embedding
     requires_checkpoint: bool = False  # True where random weights cannot run (e.g. no tokenizer without one)
 
@@ -86,6 +87,17 @@ class Encoder:
     @classmethod
     def build_model(cls, config: EncoderConfig) -> torch.nn.Module:
         raise NotImplementedError
+
+    @classmethod
+    def image_tokenizer_config(cls, config: EncoderConfig) -> Any:
+        """The settings of the frozen image tokenizer (`model.image_tokenizer`) the model reads ids from, or None."""
+        return None
+
+    def supports(self, capability: str) -> bool:
+        """Whether this encoder's family declares `capability` (see retrieval.encoders.families)."""
+        from retrieval.encoders.families import family
+
+        return capability in family(self.config.family).capabilities
 
     def prepare(self, image: Image.Image | None, text: str | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError

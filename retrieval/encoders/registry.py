@@ -1,38 +1,34 @@
-"""Named encoder configs (one JSON file per model) and the one factory, `load_encoder`."""
+"""Named encoder configs (one JSON file per model, in its family's configs/) and the one factory, `load_encoder`."""
 
 from __future__ import annotations
 
-import importlib
 import os
 from functools import cache
 from pathlib import Path
 
 from retrieval.encoders.base import Encoder, EncoderConfig
+from retrieval.encoders.families import families, family
 from retrieval.errors import RetrievalError
 from retrieval.files import read_json
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
-
-# family -> "module:Class"; a family module is imported only when one of its models is loaded
-FAMILIES = {
-    "test": "retrieval.encoders.test_tiny:TinyTestEncoder",
-    "fuselip": "retrieval.encoders.fuselip:FuseLIPEncoder",
-    "sparc": "retrieval.encoders.sparc:SPARCEncoder",
-    "fdt": "retrieval.encoders.fdt:FDTEncoder",
-}
 
 
 @cache
 def list_configs() -> dict[str, EncoderConfig]:
     """Every registered model, by name, sorted."""
-    configs = {}
-    for path in sorted(CONFIG_DIR.glob("*.json")):
-        config = EncoderConfig.from_dict(read_json(path))
-        if config.name != path.stem:
-            raise RetrievalError(f"{path}: config name {config.name!r} differs from the file name")
-        configs[config.name] = config
-    return dict(sorted(configs.items()))
+    configs: dict[str, tuple[EncoderConfig, Path]] = {}
+    for spec in families().values():
+        for path in sorted((spec.folder / "configs").glob("*.json")):
+            config = EncoderConfig.from_dict(read_json(path))
+            if config.name != path.stem:
+                raise RetrievalError(f"{path}: config name {config.name!r} differs from the file name")
+            if config.family != spec.name:
+                raise RetrievalError(f"{path}: a {config.family!r} model among the configs of family {spec.name!r}")
+            if config.name in configs:
+                raise RetrievalError(f"model {config.name!r} is registered twice: {configs[config.name][1]} and {path}")
+            configs[config.name] = (config, path)
+    return {name: configs[name][0] for name in sorted(configs)}
 
 
 def get_config(name: str) -> EncoderConfig:
@@ -42,11 +38,9 @@ def get_config(name: str) -> EncoderConfig:
     return configs[name]
 
 
-def family_class(family: str) -> type[Encoder]:
-    if family not in FAMILIES:
-        raise RetrievalError(f"unknown encoder family {family!r}; known: {', '.join(FAMILIES)}")
-    module, cls = FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module), cls)
+def family_class(name: str) -> type[Encoder]:
+    """The encoder class of family `name`."""
+    return family(name).encoder_class()
 
 
 def default_checkpoint(config: EncoderConfig) -> Path | None:
@@ -86,7 +80,7 @@ def load_encoder(name_or_checkpoint: str | os.PathLike, device: str = "auto", fu
         get_config(str(name_or_checkpoint))  # raises with the list of registered models
         raise AssertionError("unreachable")
     cls = family_class(config.family)
-    if fusion is not None and not getattr(cls, "fusion_modes", ()):
+    if fusion is not None and not cls.fusion_modes:
         raise RetrievalError(f"{config.name} fuses early and has no fusion modes; drop --fusion")
     if checkpoint is None and cls.requires_checkpoint:
         raise RetrievalError(f"{config.name} has no bundled weights; import or train a checkpoint "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from retrieval.encoders.base import Encoder
+from retrieval.encoders.families import family
 from retrieval.encoders.registry import (
     CHECKPOINT_DIR,
     family_class,
@@ -26,18 +26,10 @@ from retrieval.training.pairs import Pair, read_pairs
 BUNDLED_TOKENIZERS = CHECKPOINT_DIR / "tokenizers"
 
 
-# family -> "module:Class" of its training objective (one loop; the objective is what differs)
-OBJECTIVES = {"fuselip": "retrieval.training.fuselip:FuseLIPObjective",
-              "sparc": "retrieval.training.sparc:SPARCObjective",
-              "fdt": "retrieval.training.fdt:FDTObjective"}
-
-
 def objective_for(encoder: Encoder, pairs: list[Pair], device: str, progress: bool):
-    family = encoder.config.family
-    if family not in OBJECTIVES:
-        raise RetrievalError(f"models of family {family!r} cannot be trained; trainable: {', '.join(OBJECTIVES)}")
-    module, cls = OBJECTIVES[family].split(":")
-    return getattr(importlib.import_module(module), cls)(encoder, pairs, device=device, progress=progress)
+    """The training objective of the encoder's family (one loop; the objective is what differs)."""
+    objective = family(encoder.config.family).objective_class()
+    return objective(encoder, pairs, device=device, progress=progress)
 
 
 def fresh_encoder(name: str, tokenizers: str | os.PathLike | None) -> Encoder:
@@ -46,12 +38,13 @@ def fresh_encoder(name: str, tokenizers: str | os.PathLike | None) -> Encoder:
     from retrieval.training.tokenizers import load_tokenizers
 
     config = get_config(name)
+    cls = family_class(config.family)
     model = initial_model(config)
-    image_config = getattr(model.config, "image_tokenizer", None)
+    image_config = cls.image_tokenizer_config(config)
     text, image_state = load_tokenizers(tokenizers or BUNDLED_TOKENIZERS, image_config)
     if image_config is not None:
         model.image_tokenizer.load_state_dict(image_state)
-    return family_class(config.family)(replace(config, checkpoint=None), model, tokenizer=text)
+    return cls(replace(config, checkpoint=None), model, tokenizer=text)
 
 
 def encoder_to_train(model: str, tokenizers: str | os.PathLike | None = None) -> Encoder:

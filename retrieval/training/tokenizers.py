@@ -28,11 +28,10 @@ IMAGE_WEIGHTS = "image_tokenizer.safetensors"
 
 def image_tokenizer_config(model: str) -> ConvVQConfig:
     """The conv-VQ settings that registered model `model` expects of its image tokenizer."""
-    from retrieval.encoders.fuselip import fuselip_config
-    from retrieval.encoders.registry import get_config
+    from retrieval.encoders.registry import family_class, get_config
 
     config = get_config(model)
-    image = fuselip_config(config).image_tokenizer if config.family == "fuselip" else None
+    image = family_class(config.family).image_tokenizer_config(config)
     if not isinstance(image, ConvVQConfig):
         raise RetrievalError(f"{model} has no trainable image tokenizer")
     return image

@@ -75,7 +75,7 @@ def import_fdt(path: str | os.PathLike, out: str | os.PathLike, temperature: flo
     """Convert an official `.pth.tar`; the CLIP BPE (vocab.json + merges.txt) comes from `tokenizer`, else from
     the checkpoint's folder. `temperature` must be the one the model was trained with (1000 in the release)."""
     if temperature is None:
-        raise RetrievalError("FDT checkpoints do not store their temperature: give --temperature "
+        raise RetrievalError("FDT checkpoints do not store their temperature: give --option temperature=T "
                              "(1000 for the released CC3M models)")
     state = read_official(path)
     config = official_config(state, temperature, name)

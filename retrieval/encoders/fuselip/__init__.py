@@ -44,6 +44,10 @@ class FuseLIPEncoder(Encoder):
             raise RetrievalError(f"{config.name}: dim {config.dim} must equal the width {model_config.width}")
         return FuseLIP(model_config)
 
+    @classmethod
+    def image_tokenizer_config(cls, config: EncoderConfig):
+        return fuselip_config(config).image_tokenizer
+
     def prepare(self, image: Image.Image | None, text: str | None) -> dict[str, torch.Tensor]:
         size = self.config.image_size
         pixels = torch.from_numpy(squash_to_array(image, size)) if image is not None else torch.zeros(3, size, size)
