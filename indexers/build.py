@@ -12,6 +12,7 @@ import numpy as np
 
 from indexers.gpu import resolve_faiss_device, to_cpu, to_gpu
 from indexers.ground_truth import Batches, ann_recall, exact_search
+from indexers.kinds import factory_string, tuning
 from retrieval.errors import RetrievalError
 
 TRAIN_POINTS_PER_LIST = 64
@@ -59,40 +60,19 @@ def faiss_errors(key: str) -> Iterator[None]:
         raise RetrievalError(f"FAISS cannot build index key {key!r}: {reason.split('Error: ')[-1]}") from None
 
 
-def factory_string(key: str) -> str:
-    """IVF indexes keep ids natively; everything else is wrapped in IDMap2 so search returns row ids."""
-    return key if key.startswith("IVF") and "Refine" not in key else f"IDMap2,{key}"
-
-
-def search_parameter(index) -> tuple[str, list[int]] | None:
-    """The knob that trades speed for recall, and the values to try, for the index's type."""
-    import faiss
-
-    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
-    if isinstance(inner, faiss.IndexRefine):
-        inner = faiss.downcast_index(inner.base_index)
-    if isinstance(inner, faiss.IndexHNSW):
-        return "efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048]
-    if isinstance(inner, faiss.IndexIVF):
-        return "nprobe", [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p <= inner.nlist]
-    return None
-
-
 def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int, target: float
          ) -> tuple[str, float]:
     """Pick the cheapest setting whose k-recall@k on the sample reaches `target` (else the best one)."""
     import faiss
 
     space = faiss.ParameterSpace()
-    base = "k_factor_rf=8," if "Refine" in type(faiss.downcast_index(getattr(index, "index", index))).__name__ \
-        else ""
-    knob = search_parameter(index)
+    fixed, knob = tuning(index)
     if knob is None:
-        return base.rstrip(","), measure(index, queries, truth, k)
+        return fixed, measure(index, queries, truth, k)
     name, values = knob
     best = ("", -1.0)
     for value in values:
-        params = f"{base}{name}={value}"
+        params = ",".join(filter(None, [fixed, f"{name}={value}"]))
         space.set_index_parameters(index, params)
         recall = measure(index, queries, truth, k)
         if recall > best[1]:

@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from indexers.kinds import estimate_bytes
 from retrieval.errors import RetrievalError
 
 EXACT_MAX = 50_000  # below this, exact search costs at most a few ms a query: no reason to approximate
@@ -14,7 +15,6 @@ EXACT_MAX = 50_000  # below this, exact search costs at most a few ms a query: n
 # at half that work, 2^27 = 512Ki × 256 (about 170k vectors at 768 dims).
 HNSW_MAX_WORK = 2**27  # n · dim
 HNSW_M = 32
-ID_MAP_BYTES = 16  # IDMap2: the id array plus the reverse hash map
 
 
 @dataclass(frozen=True)
@@ -55,27 +55,6 @@ def pq_m_for(dim: int) -> int:
         if dim % m == 0 and dim // m >= 2:
             return m
     return 1
-
-
-def estimate_bytes(key: str, n: int, dim: int) -> int:
-    """Rough resident size of an index built with `key` (autofaiss-style estimates)."""
-    ivf = re.match(r"IVF(\d+)", key)
-    coarse = int(ivf.group(1)) * dim * 4 if ivf else 0
-    if key == "Flat":
-        return n * (4 * dim + ID_MAP_BYTES)
-    if key.startswith("HNSW"):
-        m = int(re.match(r"HNSW(\d+)", key).group(1))
-        return n * (4 * dim + 2 * m * 4 + ID_MAP_BYTES)
-    if key.endswith(",Flat"):
-        return n * (4 * dim + 8) + coarse
-    pq = re.search(r"PQ(\d+)x(\d+)", key)
-    if pq:
-        code = math.ceil(int(pq.group(1)) * int(pq.group(2)) / 8)
-        refine = dim if "Refine(SQ8)" in key else 0
-        return n * (code + 8 + refine + (ID_MAP_BYTES if refine else 0)) + coarse
-    if key.endswith(",SQ8"):
-        return n * (dim + 8) + coarse
-    return n * 4 * dim + coarse
 
 
 def choose_index(n: int, dim: int, memory_budget: int, gpu: bool = False) -> IndexChoice:

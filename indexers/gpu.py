@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 
+from indexers.kinds import supports_gpu
+
 log = logging.getLogger(__name__)
 GPU_MAX_K = 2048  # classic GPU indexes cannot return more than this many neighbours or probe more lists
 
@@ -43,15 +45,6 @@ def resolve_faiss_device(device: str, notes: list[str]) -> str:
     if device.startswith("cuda"):
         notes.append("no GPU usable by FAISS (faiss-gpu not installed or no CUDA device): using the CPU")
     return "cpu"
-
-
-def supports_gpu(index) -> bool:
-    """HNSW graphs (and IVF-PQ fast-scan / refine wrappers) have no classic GPU implementation."""
-    import faiss
-
-    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
-    return isinstance(inner, faiss.IndexFlat) or (
-        isinstance(inner, faiss.IndexIVF) and not isinstance(inner, faiss.IndexIVFPQFastScan))
 
 
 def to_gpu(index, notes: list[str]):

@@ -90,8 +90,9 @@ def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: s
     import faiss
 
     from indexers.build import build_index
-    from indexers.choose import IndexChoice, choose_index, estimate_bytes, parse_memory
+    from indexers.choose import IndexChoice, choose_index, parse_memory
     from indexers.gpu import resolve_faiss_device
+    from indexers.kinds import estimate_bytes
 
     started = time.perf_counter()
     clear_leftovers(out)

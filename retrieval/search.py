@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from indexers.kinds import selector_params, supports_gpu
 from retrieval.errors import RetrievalError
 from retrieval.index_folder import INDEX_JSON, read_index_folder
 from retrieval.store import EmbeddingStore
@@ -102,7 +103,7 @@ class SearchIndex:
                                      ) from None
         self.gpu_index = None
         if self.encoder.device.startswith("cuda"):
-            from indexers.gpu import supports_gpu, to_gpu
+            from indexers.gpu import to_gpu
 
             if supports_gpu(self.index):
                 gpu_index, where = to_gpu(self.index, [])
@@ -262,21 +263,6 @@ def check_query(image, text: str | None) -> str | None:
     if image is None and text is None:
         raise RetrievalError("a query needs an image, a text, or both (--image / --text)")
     return text
-
-
-def selector_params(index, selector, search_params: str | None):
-    """faiss SearchParameters carrying an id selector plus the tuned knob, or None if the type takes none."""
-    import faiss
-
-    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
-    knobs = dict(p.split("=") for p in search_params.split(",")) if search_params else {}
-    if isinstance(inner, faiss.IndexFlat):
-        return faiss.SearchParameters(sel=selector)
-    if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(knobs.get("efSearch", 64)))
-    if isinstance(inner, faiss.IndexIVF) and not isinstance(index, faiss.IndexIDMap2):
-        return faiss.SearchParametersIVF(sel=selector, nprobe=int(knobs.get("nprobe", 1)))
-    return None
 
 
 def open_index(path: str | os.PathLike, device: str = "auto", model: str | None = None,

@@ -9,29 +9,22 @@ import json
 import shutil
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 from conftest import durability_calls, kill_at, needs_strace, run_cli
 
 import retrieval
+from indexers.kinds import kind_of, kind_of_key
 from retrieval import RetrievalError
 from retrieval.index_folder import INDEX_JSON, read_index_folder, read_index_json
 from retrieval.indexing import build_index_folder
-
-KINDS = {"Flat": faiss.IndexFlat, "HNSW32": faiss.IndexHNSW}
-
-
-def index_kind(index) -> str:
-    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
-    return next(name for name, cls in KINDS.items() if isinstance(inner, cls))
 
 
 def assert_whole(folder: Path, store: Path) -> str:
     """The folder opens, its index is the one index.json describes and answers like exact search; the key."""
     searcher = retrieval.open_index(folder, device="cpu")
     info = searcher.info
-    assert index_kind(searcher.index) == info["index_key"] and searcher.index.ntotal == info["count"]
+    assert kind_of(searcher.index) == kind_of_key(info["index_key"]) and searcher.index.ntotal == info["count"]
     query = searcher.store.read_vectors(np.array([7]))
     scores, rows = searcher.search_vectors(query, 5)
     assert rows[0, 0] == 7 and abs(scores[0, 0] - 1.0) < 1e-3
@@ -73,7 +66,7 @@ def test_a_reader_that_loses_the_race_with_a_commit_reads_the_new_pair(flat_fold
     real = index_folder.read_index_json
     monkeypatch.setattr(index_folder, "read_index_json", lambda f: next(answers, None) or real(f))
     info, index = read_index_folder(folder)
-    assert info["index_key"] == "HNSW32" and index_kind(index) == "HNSW32"
+    assert info["index_key"] == "HNSW32" and kind_of(index).name == "hnsw"
 
 
 @pytest.mark.slow

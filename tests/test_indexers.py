@@ -11,18 +11,11 @@ import math
 import numpy as np
 import pytest
 
-from indexers.build import build_index, factory_string
-from indexers.choose import (
-    EXACT_MAX,
-    choose_index,
-    estimate_bytes,
-    hnsw_max,
-    nlist_for,
-    parse_memory,
-    pq_m_for,
-)
+from indexers.build import build_index
+from indexers.choose import EXACT_MAX, choose_index, hnsw_max, nlist_for, parse_memory, pq_m_for
 from indexers.gpu import faiss_gpu_count
 from indexers.ground_truth import ann_recall, exact_search
+from indexers.kinds import estimate_bytes, factory_string
 from retrieval.errors import RetrievalError
 
 faiss = pytest.importorskip("faiss")

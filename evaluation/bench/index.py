@@ -121,7 +121,7 @@ def check_key(key: str, dim: int) -> None:
     """Fail before any long build when FAISS cannot make `key` (the same message as build_index's)."""
     import faiss
 
-    from indexers.build import factory_string
+    from indexers.kinds import factory_string
 
     try:
         faiss.index_factory(dim, factory_string(key), faiss.METRIC_INNER_PRODUCT)
@@ -143,8 +143,9 @@ def bench_index(n: int = 1_000_000, dim: int = 256, store: str | os.PathLike | N
     import faiss
 
     from indexers.build import build_index
-    from indexers.choose import choose_index, estimate_bytes, parse_memory
+    from indexers.choose import choose_index, parse_memory
     from indexers.ground_truth import ann_recall, exact_search
+    from indexers.kinds import estimate_bytes
     from retrieval.search import check_threads
 
     budget = parse_memory(memory_budget)

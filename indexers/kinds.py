@@ -1,0 +1,134 @@
+"""What the code knows about each kind of FAISS index, in one table keyed by kind.
+
+For each kind: which factory keys and which FAISS class it is, the knob that trades speed for recall and the
+values tuning tries, the search parameters that carry an id selector, whether it has a GPU version, whether it
+keeps ids itself (else it is wrapped in IDMap2) and its bytes per vector. Adding a kind is an entry here and,
+for `auto`, a candidate in choose.py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+ID_MAP_BYTES = 16  # IDMap2: the id array plus the reverse hash map
+IVF_ID_BYTES = 8  # an IVF list stores each vector's id beside its code
+EF_SEARCH = [16, 32, 64, 128, 256, 512, 1024, 2048]
+NPROBE = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+
+
+def code_bytes(key: str, dim: int) -> float:
+    """Bytes of one vector's code under the key's encoding: PQm (8 bits) or PQmxb, SQ8, else float32."""
+    pq = re.search(r"(^|,)PQ(\d+)(?:x(\d+))?", key)
+    if pq:
+        return math.ceil(int(pq.group(2)) * int(pq.group(3) or 8) / 8)
+    return dim if re.search(r"(^|,)SQ8(,|$)", key) else 4 * dim
+
+
+@dataclass(frozen=True)
+class IndexKind:
+    name: str
+    key: str  # regex a factory key of this kind matches (tried in table order)
+    faiss_class: str  # the class of the index inside IDMap2 (tried in table order)
+    native_ids: bool  # add_with_ids keeps the row ids without an IDMap2
+    gpu: bool  # has a classic GPU implementation (index_cpu_to_gpu)
+    vector_bytes: Callable[[str, int], float]  # (key, dim) -> resident bytes per vector
+    knob: Callable[[Any], tuple[str, list[int]] | None] = lambda inner: None  # (name, values to try)
+    fixed_params: str = ""  # search parameters set whatever the knob
+    selector: Callable[[Any, Any, dict[str, str]], Any] | None = None  # (faiss, selector, knobs) -> params
+    selector_under_idmap: bool = True  # the selector's params keep their knob when IDMap2 translates ids
+
+
+def _refine_knob(inner) -> tuple[str, list[int]] | None:
+    import faiss
+
+    return kind_of_inner(faiss.downcast_index(inner.base_index)).knob(faiss.downcast_index(inner.base_index))
+
+
+KINDS: list[IndexKind] = [
+    IndexKind("refine", r".*,Refine\(.*", "IndexRefine", native_ids=False, gpu=False,
+              vector_bytes=lambda key, dim: code_bytes(key, dim) + IVF_ID_BYTES
+              + (dim + ID_MAP_BYTES if "Refine(SQ8)" in key else 0),
+              knob=_refine_knob, fixed_params="k_factor_rf=8"),
+    IndexKind("flat", r"Flat", "IndexFlat", native_ids=False, gpu=True,
+              vector_bytes=lambda key, dim: 4 * dim + ID_MAP_BYTES,
+              selector=lambda faiss, sel, knobs: faiss.SearchParameters(sel=sel)),
+    IndexKind("hnsw", r"HNSW\d+.*", "IndexHNSW", native_ids=False, gpu=False,
+              vector_bytes=lambda key, dim: 4 * dim + 2 * int(re.match(r"HNSW(\d+)", key).group(1)) * 4
+              + ID_MAP_BYTES,
+              knob=lambda inner: ("efSearch", EF_SEARCH),
+              selector=lambda faiss, sel, knobs: faiss.SearchParametersHNSW(
+                  sel=sel, efSearch=int(knobs.get("efSearch", 64)))),
+    IndexKind("ivf-fastscan", r"IVF\d+.*,PQ\d+x4fs.*", "IndexIVFPQFastScan", native_ids=True, gpu=False,
+              vector_bytes=lambda key, dim: code_bytes(key, dim) + IVF_ID_BYTES,
+              knob=lambda inner: ("nprobe", [p for p in NPROBE if p <= inner.nlist]),
+              selector=lambda faiss, sel, knobs: faiss.SearchParametersIVF(
+                  sel=sel, nprobe=int(knobs.get("nprobe", 1))), selector_under_idmap=False),
+    IndexKind("ivf", r"IVF\d+.*", "IndexIVF", native_ids=True, gpu=True,
+              vector_bytes=lambda key, dim: code_bytes(key, dim) + IVF_ID_BYTES,
+              knob=lambda inner: ("nprobe", [p for p in NPROBE if p <= inner.nlist]),
+              selector=lambda faiss, sel, knobs: faiss.SearchParametersIVF(
+                  sel=sel, nprobe=int(knobs.get("nprobe", 1))), selector_under_idmap=False),
+]
+OTHER = IndexKind("other", r".*", "Index", native_ids=False, gpu=False, vector_bytes=code_bytes)
+
+
+def kind_of_key(key: str) -> IndexKind:
+    """The kind a factory key builds."""
+    return next((kind for kind in KINDS if re.fullmatch(kind.key, key)), OTHER)
+
+
+def unwrap(index):
+    """The index inside the IDMap2 that keys it by row ids, as its own class."""
+    import faiss
+
+    return faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
+
+
+def kind_of_inner(inner) -> IndexKind:
+    import faiss
+
+    return next((kind for kind in KINDS if isinstance(inner, getattr(faiss, kind.faiss_class))), OTHER)
+
+
+def kind_of(index) -> IndexKind:
+    """The kind of a built index (IDMap2 looked through)."""
+    return kind_of_inner(unwrap(index))
+
+
+def factory_string(key: str) -> str:
+    """The key as FAISS builds it: kinds that keep ids natively as they are, others inside IDMap2."""
+    return key if kind_of_key(key).native_ids and key.startswith("IVF") else f"IDMap2,{key}"
+
+
+def estimate_bytes(key: str, n: int, dim: int) -> int:
+    """Rough resident size of an index built with `key` (autofaiss-style estimates): vectors plus IVF centroids."""
+    ivf = re.match(r"IVF(\d+)", key)
+    coarse = int(ivf.group(1)) * dim * 4 if ivf else 0
+    return int(n * kind_of_key(key).vector_bytes(key, dim)) + coarse
+
+
+def tuning(index) -> tuple[str, tuple[str, list[int]] | None]:
+    """(the fixed search parameters, the knob and the values to try) of a built index."""
+    inner = unwrap(index)
+    kind = kind_of_inner(inner)
+    return kind.fixed_params, kind.knob(inner)
+
+
+def selector_params(index, selector, search_params: str | None):
+    """faiss SearchParameters carrying an id selector plus the tuned knob, or None if the kind takes none."""
+    import faiss
+
+    kind = kind_of(index)
+    if kind.selector is None or (isinstance(index, faiss.IndexIDMap2) and not kind.selector_under_idmap):
+        return None
+    knobs = dict(p.split("=") for p in search_params.split(",")) if search_params else {}
+    return kind.selector(faiss, selector, knobs)
+
+
+def supports_gpu(index) -> bool:
+    """Whether the index's kind has a classic GPU implementation (HNSW, fast-scan and refine have none)."""
+    return kind_of(index).gpu
