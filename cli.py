@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from indexers.errors import IndexerError
 from retrieval.errors import RetrievalError
 
 app = typer.Typer(help="Multimodal retrieval: encode corpora, build FAISS indexes, answer composed queries.",
@@ -474,7 +475,7 @@ def bench_query(
 def main() -> None:
     try:
         app()
-    except RetrievalError as e:
+    except (RetrievalError, IndexerError) as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:

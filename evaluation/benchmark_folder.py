@@ -1,4 +1,4 @@
-"""What every benchmark folder shares: training pairs in groups, and dataset.json, written last."""
+"""What every benchmark folder shares: its training pairs, and dataset.json, written last."""
 
 from __future__ import annotations
 
@@ -8,27 +8,18 @@ from typing import Any
 
 from evaluation.tasks import Task
 from retrieval.errors import RetrievalError
-from retrieval.files import read_json, write_json, write_jsonl
+from retrieval.files import read_json, write_json
+from retrieval.training.pairs import write_pairs
 
 DATASET_FORMAT = "retrieval.dataset"
 DATASET_JSON = "dataset.json"
-PAIRS = "train/pairs.jsonl"
-
-
-def pair(group: str, task: str, query_image: str | None, query_text: str | None, target_image: str | None,
-         target_text: str | None) -> dict[str, Any]:
-    """One training pair (query → target). Pairs of one `group` are related: a trainer batches them together."""
-    return {"group": group, "task": task, "query_image": query_image, "query_text": query_text,
-            "target_image": target_image, "target_text": target_text}
 
 
 def finish_dataset(root: Path, name: str, params: dict[str, Any], corpus: list[dict[str, Any]], tasks: list[Task],
                    pairs: list[dict[str, Any]] | None) -> Path:
-    """Write train/pairs.jsonl (image paths relative to it) and then dataset.json; returns corpus.jsonl."""
+    """Write the training pairs (retrieval.training.pairs) and then dataset.json; returns corpus.jsonl."""
     if pairs is not None:
-        base = root / "train"
-        write_jsonl(root / PAIRS, ({k: os.path.relpath(v, base) if k.endswith("_image") and v else v
-                                    for k, v in p.items()} for p in pairs))
+        write_pairs(root, name, pairs)
     splits: dict[str, int] = {}
     for record in corpus:
         splits[record["split"]] = splits.get(record["split"], 0) + 1

@@ -15,11 +15,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from evaluation.benchmark_folder import finish_dataset, pair
+from evaluation.benchmark_folder import finish_dataset
 from evaluation.scenes import split_of
 from evaluation.tasks import Item, Query, Task, write_task
 from retrieval.files import write_jsonl
 from retrieval.images import save_image
+from retrieval.training.pairs import pair
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("a handwritten digit {word}", "the number {digit} written by hand", "a scan of a handwritten {digit}",

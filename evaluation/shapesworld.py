@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from evaluation import transforms as tf
-from evaluation.benchmark_folder import finish_dataset, pair
+from evaluation.benchmark_folder import finish_dataset
 from evaluation.scenes import (
     COLOURS,
     COLS,
@@ -37,6 +37,7 @@ from evaluation.scenes import (
 from evaluation.tasks import Item, Query, Task, write_task
 from retrieval.files import write_jsonl
 from retrieval.images import save_image
+from retrieval.training.pairs import pair
 
 NUMBERS = ("zero", "one", "two", "three")
 POSITIONS = tuple(position_name((r, c)) for r in range(len(ROWS)) for c in range(len(COLS)))

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from indexers.errors import IndexerError
 from indexers.gpu import resolve_faiss_device, to_cpu, to_gpu
 from indexers.ground_truth import Batches, ann_recall, exact_search
 from indexers.kinds import factory_string, tuning
-from retrieval.errors import RetrievalError
 
 TRAIN_POINTS_PER_LIST = 64
 MAX_TRAIN = 256_000
@@ -40,14 +40,14 @@ def check_index_key(key: str) -> None:
     """Refuse a key FAISS would abort the whole process on (its assertions are not exceptions), hang on or
     exhaust memory with, before it is handed to FAISS."""
     if not key or not re.fullmatch(r"[A-Za-z0-9_,()]+", key):
-        raise RetrievalError(f"--index-key {key!r} is not a FAISS factory string (e.g. Flat, HNSW32, IVF1024,SQ8)")
+        raise IndexerError(f"--index-key {key!r} is not a FAISS factory string (e.g. Flat, HNSW32, IVF1024,SQ8)")
     if "IDMap" in key:
-        raise RetrievalError("--index-key names the index alone: retrieval keys it by row ids itself (drop IDMap)")
+        raise IndexerError("--index-key names the index alone: retrieval keys it by row ids itself (drop IDMap)")
     for name, number in re.findall(r"([A-Za-z]*)(\d+)", key):  # every number, with the letters before it
         value = int(number)
         low, high = {"IVF": (1, MAX_LISTS), "HNSW": (2, 512), "NSG": (2, 512)}.get(name, (1, MAX_KEY_NUMBER))
         if not low <= value <= high:
-            raise RetrievalError(f"--index-key {key!r}: {name}{number} is out of range ({low} to {high})")
+            raise IndexerError(f"--index-key {key!r}: {name}{number} is out of range ({low} to {high})")
 
 
 @contextlib.contextmanager
@@ -57,7 +57,7 @@ def faiss_errors(key: str) -> Iterator[None]:
         yield
     except (RuntimeError, MemoryError) as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise RetrievalError(f"FAISS cannot build index key {key!r}: {reason.split('Error: ')[-1]}") from None
+        raise IndexerError(f"FAISS cannot build index key {key!r}: {reason.split('Error: ')[-1]}") from None
 
 
 def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int, target: float
@@ -142,7 +142,7 @@ def _build(batches: Batches, n: int, dim: int, key: str, factory: str, sample_ve
             lists = 1
         want = min(n, MAX_TRAIN, max(TRAIN_POINTS_PER_LIST * lists, 10_000))
         if want < lists:
-            raise RetrievalError(f"{n} vectors are too few to train {lists} clusters; use a smaller IVF")
+            raise IndexerError(f"{n} vectors are too few to train {lists} clusters; use a smaller IVF")
         index.train(np.ascontiguousarray(sample_vectors(want), dtype=np.float32))
     seconds["train"] = time.perf_counter() - t
 
@@ -161,6 +161,6 @@ def _build(batches: Batches, n: int, dim: int, key: str, factory: str, sample_ve
     if len(rows):
         index.add_with_ids(queries, rows)
     if index.ntotal != n:
-        raise RetrievalError(f"index holds {index.ntotal} vectors but the store has {n}")
+        raise IndexerError(f"index holds {index.ntotal} vectors but the store has {n}")
     return BuiltIndex(index=index, key=key, factory=factory, params=params, ann_recall=recall,
                       recall_queries=len(queries), device=device, seconds=seconds, notes=notes)

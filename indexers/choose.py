@@ -6,8 +6,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from indexers.errors import IndexerError
 from indexers.kinds import estimate_bytes
-from retrieval.errors import RetrievalError
 
 EXACT_MAX = 50_000  # below this, exact search costs at most a few ms a query: no reason to approximate
 # HNSW is built only while its build (no training, but graph insertion costs ~ n·dim) stays well inside the
@@ -28,11 +28,11 @@ def parse_memory(text: str) -> int:
     """'4GB', '512MB', '1.5GiB', '800M' → bytes (powers of 1024)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
     if not m:
-        raise RetrievalError(f"cannot read memory size {text!r}: write it like 4GB or 512MB")
+        raise IndexerError(f"cannot read memory size {text!r}: write it like 4GB or 512MB")
     power = " KMGT".index(m.group(2).upper() or " ")
     size = int(float(m.group(1)) * 1024**power)
     if size <= 0:
-        raise RetrievalError(f"memory size {text!r} must be more than 0")
+        raise IndexerError(f"memory size {text!r} must be more than 0")
     return size
 
 
@@ -67,7 +67,7 @@ def choose_index(n: int, dim: int, memory_budget: int, gpu: bool = False) -> Ind
     (HNSW32 took 94-105 s on a quiet machine, up to 150 s under load).
     """
     if n <= 0:
-        raise RetrievalError("cannot build an index over an empty store")
+        raise IndexerError("cannot build an index over an empty store")
     nlist = nlist_for(n)
     m = pq_m_for(dim)
     candidates = []
@@ -84,5 +84,5 @@ def choose_index(n: int, dim: int, memory_budget: int, gpu: bool = False) -> Ind
         if size <= memory_budget:
             return IndexChoice(key, size, reason)
     smallest = estimate_bytes(candidates[-1][0], n, dim)
-    raise RetrievalError(f"memory budget of {memory_budget / 2**20:.0f} MiB is too small for {n} vectors of "
+    raise IndexerError(f"memory budget of {memory_budget / 2**20:.0f} MiB is too small for {n} vectors of "
                          f"dimension {dim}: the most compressed index needs about {smallest / 2**20:.0f} MiB")

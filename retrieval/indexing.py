@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import RetrievalError, indexer_errors
 from retrieval.files import check_out_folder, folder_lock
 from retrieval.index_folder import (
     INDEX_FORMAT,
@@ -67,21 +67,28 @@ def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model:
                        target_recall: float = 0.95, progress: bool = True,
                        encode_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build an index folder and return what index.json records."""
+    with indexer_errors():
+        return _check_and_build(source, Path(out), model, index_key, device, memory_budget, target_recall,
+                                progress, encode_options or {})
+
+
+def _check_and_build(source: str | os.PathLike, out: Path, model: str | None, index_key: str, device: str,
+                     memory_budget: str, target_recall: float, progress: bool, encode_options: dict[str, Any]
+                     ) -> dict[str, Any]:
     from indexers.build import check_index_key
     from indexers.choose import parse_memory
     from retrieval.encode import check_encode_options
 
-    out = Path(out)
     if not 0 < target_recall <= 1:  # also refuses NaN
         raise RetrievalError(f"--target-recall must be in (0, 1], got {target_recall}")
     parse_memory(memory_budget)
     if index_key != "auto":
         check_index_key(index_key)
-    check_encode_options(**(encode_options or {}))
+    check_encode_options(**encode_options)
     check_out_folder(out, "an index folder", is_index_folder)
     with folder_lock(out, "index build"):
         return _build(source, out, model, index_key, device, memory_budget, target_recall, progress,
-                      encode_options or {})
+                      encode_options)
 
 
 def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: str, device: str,

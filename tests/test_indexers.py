@@ -13,10 +13,10 @@ import pytest
 
 from indexers.build import build_index
 from indexers.choose import EXACT_MAX, choose_index, hnsw_max, nlist_for, parse_memory, pq_m_for
+from indexers.errors import IndexerError
 from indexers.gpu import faiss_gpu_count
 from indexers.ground_truth import ann_recall, exact_search
 from indexers.kinds import estimate_bytes, factory_string
-from retrieval.errors import RetrievalError
 
 faiss = pytest.importorskip("faiss")
 
@@ -72,7 +72,7 @@ def test_parse_memory(text, expected):
 
 @pytest.mark.parametrize("text", ["", "GB", "four GB", "4XB", "-1GB", "4 GB RAM", "1e9", "4GBB"])
 def test_parse_memory_rejects_bad_text(text):
-    with pytest.raises(RetrievalError, match="cannot read memory size"):
+    with pytest.raises(IndexerError, match="cannot read memory size"):
         parse_memory(text)
 
 
@@ -118,10 +118,10 @@ def test_choose_index_compresses_when_memory_is_tight():
 
 
 def test_choose_index_refuses_a_budget_nothing_fits():
-    with pytest.raises(RetrievalError, match=r"memory budget of 100 MiB is too small for 2000000 vectors "
+    with pytest.raises(IndexerError, match=r"memory budget of 100 MiB is too small for 2000000 vectors "
                                              r"of dimension 768: the most compressed index needs about \d+ MiB"):
         choose_index(2_000_000, 768, parse_memory("100MB"))
-    with pytest.raises(RetrievalError, match="empty store"):
+    with pytest.raises(IndexerError, match="empty store"):
         choose_index(0, 64, parse_memory("4GB"))
 
 
@@ -131,7 +131,7 @@ def test_chosen_index_fits_the_budget(n, dim, budget):
     limit = parse_memory(budget)
     try:
         choice = choose_index(n, dim, limit)
-    except RetrievalError as e:
+    except IndexerError as e:
         assert "too small" in str(e)
         # refused only when even the most compressed candidate does not fit
         assert estimate_bytes(f"IVF{nlist_for(n)},PQ{pq_m_for(dim)}x4fs", n, dim) > limit
@@ -253,14 +253,14 @@ def test_build_index_with_params_survives_serialisation(corpus_vectors, tmp_path
 
 
 def test_bad_factory_key_is_a_retrieval_error(corpus_vectors):
-    with pytest.raises(RetrievalError, match="FAISS cannot build index key 'NotAnIndex42'"):
+    with pytest.raises(IndexerError, match="FAISS cannot build index key 'NotAnIndex42'"):
         _build(corpus_vectors, "NotAnIndex42")
 
 
 def test_too_few_vectors_for_ivf_is_a_retrieval_error():
     vectors = low_rank(50, seed=1)
     ids = np.arange(50, dtype=np.int64)
-    with pytest.raises(RetrievalError, match="too few to train 64 clusters"):
+    with pytest.raises(IndexerError, match="too few to train 64 clusters"):
         build_index(batches_of(ids, vectors, 50), 50, 64, "IVF64,Flat", sample_vectors=lambda m: vectors[:m],
                     recall_queries=vectors[:5], recall_rows=ids[:5], progress=False)
 

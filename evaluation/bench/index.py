@@ -121,12 +121,11 @@ def check_key(key: str, dim: int) -> None:
     """Fail before any long build when FAISS cannot make `key` (the same message as build_index's)."""
     import faiss
 
+    from indexers.build import faiss_errors
     from indexers.kinds import factory_string
 
-    try:
+    with faiss_errors(key):
         faiss.index_factory(dim, factory_string(key), faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise RetrievalError(f"FAISS cannot build index key {key!r}: {str(e).splitlines()[-1]}") from None
 
 
 def bench_index(n: int = 1_000_000, dim: int = 256, store: str | os.PathLike | None = None,

@@ -1,7 +1,9 @@
-"""Training pairs (query → target) read from benchmark folders, and batches made of whole groups.
+"""Training pairs (query → target): their folder format, and batches made of whole groups.
 
-Pairs of one group (every transform of one image, every question on one scene) land in the same
-batch, so they are each other's hard negatives; FuseLIP's TGIT and position results depend on it.
+A data folder holds its pairs as train/pairs.jsonl (image paths relative to it), then train/pairs.json (the
+data set's name and counts, written last). Pairs of one group (every transform of one image, every question
+on one scene) land in the same batch, so they are each other's hard negatives; FuseLIP's TGIT and position
+results depend on it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from evaluation.benchmark_folder import PAIRS, read_dataset
 from retrieval.errors import RetrievalError
-from retrieval.files import read_jsonl
+from retrieval.files import read_json, read_jsonl, write_json, write_jsonl
+
+PAIRS = "train/pairs.jsonl"
+PAIRS_JSON = "train/pairs.json"
+PAIRS_FORMAT = "retrieval.pairs"
 
 
 @dataclass(frozen=True)
@@ -39,14 +45,34 @@ class Pair:
         return self.target_image, self.target_text or None
 
 
+def pair(group: str, task: str, query_image: str | None, query_text: str | None, target_image: str | None,
+         target_text: str | None) -> dict[str, Any]:
+    """One training pair (query → target). Pairs of one `group` are related: a trainer batches them together."""
+    return {"group": group, "task": task, "query_image": query_image, "query_text": query_text,
+            "target_image": target_image, "target_text": target_text}
+
+
+def write_pairs(root: Path, name: str, pairs: list[dict[str, Any]]) -> None:
+    """Data set `name`'s pairs into `root`/train: pairs.jsonl with image paths relative to it, then pairs.json."""
+    base = root / "train"
+    write_jsonl(root / PAIRS, ({k: os.path.relpath(v, base) if k.endswith("_image") and v else v
+                                for k, v in p.items()} for p in pairs))
+    write_json(root / PAIRS_JSON, {"format": PAIRS_FORMAT, "name": name, "pairs": len(pairs),
+                                   "groups": len({p["group"] for p in pairs})})
+
+
 def read_pairs(data_dirs: list[str | os.PathLike]) -> list[Pair]:
-    """Every training pair of the given benchmark folders, image paths absolute, groups made unique."""
+    """Every training pair of the given data folders, image paths absolute, groups made unique."""
     pairs = []
     for folder in data_dirs:
-        meta = read_dataset(folder)
-        path = Path(folder) / PAIRS
+        path = Path(folder) / PAIRS_JSON
         if not path.is_file():
-            raise RetrievalError(f"{folder} has no training pairs; make it without --no-train-pairs")
+            raise RetrievalError(f"{folder} has no training pairs ({PAIRS_JSON}); make them with "
+                                 "`retrieval data make` (without --no-train-pairs)")
+        meta = read_json(path)
+        if not isinstance(meta, dict) or meta.get("format") != PAIRS_FORMAT:
+            raise RetrievalError(f"{path} is not a training pairs description")
+        path = Path(folder) / PAIRS
         base = path.parent
 
         def image(rel: str | None, base: Path = base) -> str | None:
