@@ -16,7 +16,15 @@ from indexers.choose import EXACT_MAX, choose_index, hnsw_max, nlist_for, parse_
 from indexers.errors import IndexerError
 from indexers.gpu import faiss_gpu_count
 from indexers.ground_truth import ann_recall, exact_search
-from indexers.kinds import estimate_bytes, factory_string
+from indexers.kinds import (
+    estimate_bytes,
+    factory_string,
+    kind_of,
+    kind_of_key,
+    selector_params,
+    supports_gpu,
+    tuning,
+)
 
 faiss = pytest.importorskip("faiss")
 
@@ -275,3 +283,27 @@ def test_cuda_without_faiss_gpu_falls_back_to_cpu_with_a_note(corpus_vectors):
     assert built.index.search(vectors[:1], 1)[1][0, 0] == ids[0]
     # asking for the CPU adds no note
     assert _build(corpus_vectors, "Flat", device="cpu").notes == []
+
+
+@pytest.mark.parametrize("key, kind, knob, gpu", [
+    ("Flat", "flat", None, True),
+    ("HNSW32", "hnsw", "efSearch", False),
+    ("IVF16,Flat", "ivf", "nprobe", True),
+    ("IVF16,SQ8", "ivf", "nprobe", True),
+    ("IVF16,PQ8x4fs", "ivf-fastscan", "nprobe", False),
+    ("IVF16,PQ8x4fs,Refine(SQ8)", "refine", "nprobe", False),
+    ("PQ8", "other", None, False),
+])
+def test_each_index_kind_is_known_from_its_key_and_from_the_built_index(key, kind, knob, gpu):
+    index = faiss.index_factory(16, factory_string(key), faiss.METRIC_INNER_PRODUCT)
+    assert kind_of_key(key).name == kind_of(index).name == kind
+    fixed, found = tuning(index)
+    assert (found[0] if found else None) == knob and (fixed == "k_factor_rf=8") == (kind == "refine")
+    assert supports_gpu(index) == gpu
+    assert (key == factory_string(key)) == kind.startswith("ivf")  # IVF keeps ids itself; the rest in IDMap2
+    params = selector_params(index, faiss.IDSelectorRange(0, 10), "nprobe=4,efSearch=99")
+    assert (params is None) == (kind in ("refine", "other"))
+    if kind.startswith("ivf"):
+        assert params.nprobe == 4
+    if kind == "hnsw":
+        assert params.efSearch == 99
