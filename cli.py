@@ -176,8 +176,8 @@ def models_families() -> None:
     for name, spec in families().items():
         imports = "-"
         if spec.importer:
-            imports = "; ".join([spec.importer.source] + [f"--option {name}=<{option['type']}>: {option['help']}"
-                                                          for name, option in spec.importer.options.items()])
+            imports = "; ".join([spec.importer.source] + [f"--option {key}=<{option['type']}>: {option.get('help', '')}"
+                                                          for key, option in spec.importer.options.items()])
         rows.append((name, "yes" if spec.objective else "no", imports, ",".join(sorted(spec.capabilities)) or "-",
                      spec.description))
     _echo_table(rows)
@@ -240,12 +240,14 @@ def data_make(
 
 
 def parse_assignments(items: list[str], option: str) -> dict[str, str]:
-    """`OPTION NAME=VALUE` options as {NAME: VALUE}."""
+    """`OPTION NAME=VALUE` options as {NAME: VALUE}; each NAME once."""
     values = {}
     for item in items:
         name, equals, value = item.partition("=")
-        if not (name and equals and value):
+        if not (name and equals):
             raise RetrievalError(f"{option} takes NAME=VALUE, not {item!r}")
+        if name in values:
+            raise RetrievalError(f"{option} {name}=… is given twice")
         values[name] = value
     return values
 
@@ -255,7 +257,7 @@ def parse_repeats(items: list[str]) -> dict[str, int]:
     repeats = parse_assignments(items, "--repeat")
     for name, times in repeats.items():
         if not times.isdigit() or int(times) < 1:
-            raise RetrievalError(f"--repeat takes NAME=K with K ≥ 1, not {name}={times!r}")
+            raise RetrievalError(f"--repeat takes NAME=K with K ≥ 1, not {name}={times}")
     return {name: int(times) for name, times in repeats.items()}
 
 
@@ -263,7 +265,7 @@ TRAINING_DATA_HELP = "Benchmark folder with training pairs (repeatable)."
 REPEAT_HELP = "NAME=K: take data set NAME's groups K times per epoch (repeatable)."
 CAPTION_SHARE_HELP = "Share of each batch given to image–caption pairs drawn apart from the groups"
 PRECISION_HELP = ("Forward pass: auto (bf16 autocast on CUDA, float32 on the CPU), bf16 or fp32. On a CPU with AMX, "
-                  "bf16 makes FuseLIP's step faster in `retrieval bench train`, not yet over a whole run")
+                  "bf16 makes a length-grouped step faster in `retrieval bench train`, not yet over a whole run")
 
 
 @app.command("train")

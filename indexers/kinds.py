@@ -35,11 +35,17 @@ class IndexKind:
     faiss_class: str  # the class of the index inside IDMap2 (tried in table order)
     native_ids: bool  # add_with_ids keeps the row ids without an IDMap2
     gpu: bool  # has a classic GPU implementation (index_cpu_to_gpu)
-    vector_bytes: Callable[[str, int], float]  # (key, dim) -> resident bytes per vector
+    vector_bytes: Callable[[str, int], float]  # (key, dim) -> resident bytes per vector, before any IDMap2
     knob: Callable[[Any], tuple[str, list[int]] | None] = lambda inner: None  # (name, values to try)
     fixed_params: str = ""  # search parameters set whatever the knob
     selector: Callable[[Any, Any, dict[str, str]], Any] | None = None  # (faiss, selector, knobs) -> params
     selector_under_idmap: bool = True  # the selector's params keep their knob when IDMap2 translates ids
+
+
+def _refine_bytes(key: str, dim: int) -> float:
+    """The base index's bytes plus the refine stage's own copy of each vector (Refine(SQ8): d, Refine(Flat): 4d)."""
+    base, refine = re.fullmatch(r"(.*),Refine\((.*)\)", key).groups()
+    return kind_of_key(base).vector_bytes(base, dim) + code_bytes(refine, dim)
 
 
 def _refine_knob(inner) -> tuple[str, list[int]] | None:
@@ -49,16 +55,12 @@ def _refine_knob(inner) -> tuple[str, list[int]] | None:
 
 
 KINDS: list[IndexKind] = [
-    IndexKind("refine", r".*,Refine\(.*", "IndexRefine", native_ids=False, gpu=False,
-              vector_bytes=lambda key, dim: code_bytes(key, dim) + IVF_ID_BYTES
-              + (dim + ID_MAP_BYTES if "Refine(SQ8)" in key else 0),
+    IndexKind("refine", r".*,Refine\(.*\)", "IndexRefine", native_ids=False, gpu=False, vector_bytes=_refine_bytes,
               knob=_refine_knob, fixed_params="k_factor_rf=8"),
-    IndexKind("flat", r"Flat", "IndexFlat", native_ids=False, gpu=True,
-              vector_bytes=lambda key, dim: 4 * dim + ID_MAP_BYTES,
+    IndexKind("flat", r"Flat", "IndexFlat", native_ids=False, gpu=True, vector_bytes=lambda key, dim: 4 * dim,
               selector=lambda faiss, sel, knobs: faiss.SearchParameters(sel=sel)),
     IndexKind("hnsw", r"HNSW\d+.*", "IndexHNSW", native_ids=False, gpu=False,
-              vector_bytes=lambda key, dim: 4 * dim + 2 * int(re.match(r"HNSW(\d+)", key).group(1)) * 4
-              + ID_MAP_BYTES,
+              vector_bytes=lambda key, dim: code_bytes(key, dim) + 2 * int(re.match(r"HNSW(\d+)", key).group(1)) * 4,
               knob=lambda inner: ("efSearch", EF_SEARCH),
               selector=lambda faiss, sel, knobs: faiss.SearchParametersHNSW(
                   sel=sel, efSearch=int(knobs.get("efSearch", 64)))),
@@ -101,14 +103,16 @@ def kind_of(index) -> IndexKind:
 
 def factory_string(key: str) -> str:
     """The key as FAISS builds it: kinds that keep ids natively as they are, others inside IDMap2."""
-    return key if kind_of_key(key).native_ids and key.startswith("IVF") else f"IDMap2,{key}"
+    return key if kind_of_key(key).native_ids else f"IDMap2,{key}"
 
 
 def estimate_bytes(key: str, n: int, dim: int) -> int:
-    """Rough resident size of an index built with `key` (autofaiss-style estimates): vectors plus IVF centroids."""
-    ivf = re.match(r"IVF(\d+)", key)
-    coarse = int(ivf.group(1)) * dim * 4 if ivf else 0
-    return int(n * kind_of_key(key).vector_bytes(key, dim)) + coarse
+    """Rough resident size of an index built with `key` (autofaiss-style estimates): vectors, their ids, IVF
+    centroids."""
+    ivf = re.search(r"(^|,)IVF(\d+)", key)
+    coarse = int(ivf.group(2)) * dim * 4 if ivf else 0
+    ids = 0 if kind_of_key(key).native_ids else ID_MAP_BYTES
+    return int(n * (kind_of_key(key).vector_bytes(key, dim) + ids)) + coarse
 
 
 def tuning(index) -> tuple[str, tuple[str, list[int]] | None]:

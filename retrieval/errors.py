@@ -1,4 +1,4 @@
-"""The one exception type that reaches users as a single clear line."""
+"""The engine's exception type, which reaches users as a single clear line, and the indexers' turned into it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def first_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def indexer_errors() -> Iterator[None]:
-    """The indexers package's refusals as RetrievalError, for callers of the engine."""
+    """The indexers package's refusals as RetrievalError, for callers of the engine (a decorator, or `with`)."""
     try:
         yield
     except IndexerError as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from retrieval.encoders.families import require
+from retrieval.encoders.families import names_where
 from retrieval.errors import RetrievalError
 from retrieval.images import load_image, save_image
 
@@ -28,8 +28,10 @@ TOP_TOKENS = 5
 
 
 def check_explain(encoder, text: str | None) -> None:
-    if not encoder.supports("sparse_codes"):
-        require(encoder, "word_alignment", "--explain (or sparse codes)")
+    if not (encoder.supports("word_alignment") or encoder.supports("sparse_codes")):
+        raise RetrievalError(f"{encoder.name} has neither word-to-patch alignment nor sparse codes, one of which "
+                             f"--explain needs (families with them: "
+                             f"{names_where(lambda spec: spec.capabilities & {'word_alignment', 'sparse_codes'})})")
     if not (text and text.strip()):
         raise RetrievalError("--explain needs a query --text: it shows where the query's words land in the hits")
 

@@ -62,23 +62,18 @@ def open_source(source: str | os.PathLike, out: Path, model: str | None, encode_
     return EmbeddingStore(out / "store")
 
 
+@indexer_errors()
 def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
                        index_key: str = "auto", device: str = "auto", memory_budget: str = "4GB",
                        target_recall: float = 0.95, progress: bool = True,
                        encode_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build an index folder and return what index.json records."""
-    with indexer_errors():
-        return _check_and_build(source, Path(out), model, index_key, device, memory_budget, target_recall,
-                                progress, encode_options or {})
-
-
-def _check_and_build(source: str | os.PathLike, out: Path, model: str | None, index_key: str, device: str,
-                     memory_budget: str, target_recall: float, progress: bool, encode_options: dict[str, Any]
-                     ) -> dict[str, Any]:
     from indexers.build import check_index_key
     from indexers.choose import parse_memory
     from retrieval.encode import check_encode_options
 
+    out = Path(out)
+    encode_options = encode_options or {}
     if not 0 < target_recall <= 1:  # also refuses NaN
         raise RetrievalError(f"--target-recall must be in (0, 1], got {target_recall}")
     parse_memory(memory_budget)

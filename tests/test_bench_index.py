@@ -21,7 +21,7 @@ from evaluation.bench.index import (
     synthetic_vectors,
 )
 from indexers.choose import choose_index, parse_memory
-from indexers.errors import IndexerError
+from retrieval.errors import RetrievalError
 
 pytest.importorskip("faiss")
 
@@ -116,8 +116,8 @@ def test_candidates_over_the_memory_budget_are_skipped_with_a_reason():
     assert any(line.startswith("skipped HNSW32") for line in report_lines(out))
 
 
-def test_unknown_key_is_an_indexer_error():
-    with pytest.raises(IndexerError, match="FAISS cannot build index key 'NotAnIndex42'"):
+def test_unknown_key_is_a_retrieval_error():
+    with pytest.raises(RetrievalError, match="FAISS cannot build index key 'NotAnIndex42'"):
         bench_index(n=2_000, dim=16, keys=["NotAnIndex42"], queries=10, progress=False)
 
 

@@ -126,6 +126,13 @@ def test_built_in_families_declare_what_their_encoders_have():
     ({"family": "x", "encoder": "a:B", "importer": {"function": "a:f", "options": {"t": {"type": "bytes"}}}},
      "importer option 't' needs a type"),
     ({"family": "x", "encoder": "a:B", "extra": 1}, "a family spec has the keys"),
+    ({"family": ["x"], "encoder": "a:B"}, "family must be a lower-case name"),
+    ({"family": "x", "encoder": "a:B", "description": 5}, "description must be a string"),
+    ({"family": "x", "encoder": "a:B", "capabilities": "sparse_codes"}, "capabilities must be a list of names"),
+    ({"family": "x", "encoder": "a:B", "importer": {"source": "s"}}, r"importer has the keys function \(required\)"),
+    ({"family": "x", "encoder": "a:B", "importer": {"function": "a:f", "options": ["t"]}}, "options must be an object"),
+    ({"family": "x", "encoder": "a:B", "importer": {"function": "a:f", "options": {"tokenizer": {"type": "path"}}}},
+     "importer option 'tokenizer' must be a lower-case name other than"),
 ])
 def test_bad_family_specs_are_refused(tmp_path, spec, message):
     (tmp_path / "family.json").write_text(json.dumps(spec))
@@ -133,10 +140,42 @@ def test_bad_family_specs_are_refused(tmp_path, spec, message):
         read_family(tmp_path)
 
 
+def test_bad_family_json_and_unloadable_classes_are_one_line_errors(tmp_path):
+    (tmp_path / "family.json").write_text("{not json")
+    with pytest.raises(RetrievalError, match="cannot read .*family.json"):
+        read_family(tmp_path)
+    for encoder, message in (("json:JSONDecoder", "json:JSONDecoder is not an Encoder class"),
+                             ("no_such_module_here:E", "cannot load no_such_module_here:E: No module named")):
+        (tmp_path / "family.json").write_text(json.dumps({"family": "x", "encoder": encoder}))
+        with pytest.raises(RetrievalError, match=message):
+            read_family(tmp_path).encoder_class()
+
+
+def test_a_broken_plugin_is_named_in_one_line(tmp_path):
+    info = tmp_path / "broken-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[retrieval.families]\nbroken = no_such_package_at_all\n")
+    env = os.environ | {"PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([str(RETRIEVAL), "models", "list"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: entry point broken = 'no_such_package_at_all' (retrieval.families) is not a package"], proc.stderr
+
+
+def test_option_assignments_are_parsed_once_each():
+    from cli import parse_assignments
+
+    assert parse_assignments(["prefix=", "name=a=b"], "--option") == {"prefix": "", "name": "a=b"}
+    for bad, message in ((["temperature"], "takes NAME=VALUE"), (["=1"], "takes NAME=VALUE"),
+                         (["t=1", "t=2"], "--option t=… is given twice")):
+        with pytest.raises(RetrievalError, match=message):
+            parse_assignments(bad, "--option")
+
+
 def test_a_capability_the_encoder_lacks_is_refused(tmp_path):
     spec = {"family": "x", "encoder": "retrieval.encoders.test_tiny:TinyTestEncoder", "capabilities": ["sparse_codes"]}
     (tmp_path / "family.json").write_text(json.dumps(spec))
-    with pytest.raises(RetrievalError, match="declares 'sparse_codes' but .* has no codes, activations"):
+    with pytest.raises(RetrievalError, match="declares 'sparse_codes' but .*TinyTestEncoder has no codes, activations"):
         read_family(tmp_path).encoder_class()
 
 

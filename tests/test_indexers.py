@@ -260,12 +260,12 @@ def test_build_index_with_params_survives_serialisation(corpus_vectors, tmp_path
     np.testing.assert_array_equal(loaded.search(queries, K)[1], built.index.search(queries, K)[1])
 
 
-def test_bad_factory_key_is_a_retrieval_error(corpus_vectors):
+def test_bad_factory_key_is_an_indexer_error(corpus_vectors):
     with pytest.raises(IndexerError, match="FAISS cannot build index key 'NotAnIndex42'"):
         _build(corpus_vectors, "NotAnIndex42")
 
 
-def test_too_few_vectors_for_ivf_is_a_retrieval_error():
+def test_too_few_vectors_for_ivf_is_an_indexer_error():
     vectors = low_rank(50, seed=1)
     ids = np.arange(50, dtype=np.int64)
     with pytest.raises(IndexerError, match="too few to train 64 clusters"):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from evaluation.bench.common import format_table
-from retrieval.errors import RetrievalError
+from retrieval.errors import RetrievalError, indexer_errors
 
 BAR = {"n": 1_000_000, "dim": 256, "ann_recall": 0.95, "qps_ratio": 5.0, "build_seconds": 120.0}
 CHUNK = 65_536
@@ -128,6 +128,7 @@ def check_key(key: str, dim: int) -> None:
         faiss.index_factory(dim, factory_string(key), faiss.METRIC_INNER_PRODUCT)
 
 
+@indexer_errors()
 def bench_index(n: int = 1_000_000, dim: int = 256, store: str | os.PathLike | None = None,
                 keys: list[str] | None = None, queries: int = 1000, k: int = 10, memory_budget: str = "4GB",
                 target_recall: float = 0.95, seed: int = 0, threads: int | None = None,

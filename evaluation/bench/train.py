@@ -1,5 +1,6 @@
-"""`retrieval bench train`: FuseLIP's training step three ways: one padded batch in float32 (the baseline),
-rows run in length groups in float32, and length groups under bf16 autocast.
+"""`retrieval bench train`: the training step of a model with length-grouped training (FuseLIP's) three ways:
+one padded batch in float32 (the baseline), rows run in length groups in float32, and length groups under bf16
+autocast.
 
 Every variant takes forward and backward on the same batches of the training stream (the loop's grouping,
 caption share and masking, for the same seed), in an order that turns each step, with the weights held
@@ -30,7 +31,6 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 40, batc
 
     from retrieval.devices import autocast_for, resolve_device
     from retrieval.encoders.families import require
-    from retrieval.encoders.fuselip.model import length_groups, row_lengths
     from retrieval.errors import RetrievalError
     from retrieval.training.loop import TrainConfig, training_batches
     from retrieval.training.pairs import read_pairs
@@ -48,17 +48,14 @@ def bench_train(model: str, data: list[str | os.PathLike], steps: int = 40, batc
     length_multiple = objective.length_multiple
     settings = {"padded": (ONE_BATCH, False), "grouped": (length_multiple, False),
                 "grouped-bf16": (length_multiple, True)}
-    pad = objective.model.config.special_ids.pad
     batches = training_batches(objective, pairs, config)
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     groups, worst = [], dict.fromkeys(VARIANTS[1:], 0.0)
     with thread_count(threads):
         torch_threads = torch.get_num_threads()
-        _ = objective.codes  # tokenise the training images before timing
         for step in tqdm(range(steps), desc="bench train", unit="step", disable=not progress):
             batch = next(batches)
-            groups += [len(length_groups(row_lengths(ids, pad), length_multiple))
-                       for ids, _, _ in batch["sides"].values()]
+            groups += objective.groups_per_side(batch, length_multiple)
             losses = {}
             for name in VARIANTS[step % 3:] + VARIANTS[: step % 3]:
                 objective.length_multiple, bf16 = settings[name]

@@ -16,7 +16,7 @@ from PIL import Image
 
 from retrieval.devices import autocast_for
 from retrieval.errors import RetrievalError
-from retrieval.files import atomic_path, write_json
+from retrieval.files import atomic_path, has_type, write_json
 from retrieval.images import as_rgb, load_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -41,10 +41,15 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
+        if not isinstance(data, dict):
+            raise RetrievalError("an encoder config is a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise RetrievalError(f"unknown encoder config keys: {', '.join(unknown)}")
+        if not (has_type(data.get("name"), str) and has_type(data.get("family"), str)
+                and has_type(data.get("dim"), int) and data["dim"] > 0):
+            raise RetrievalError("an encoder config needs a name and a family (strings) and a dim (a positive integer)")
         data = dict(data)
         for key in ("mean", "std"):
             if key in data:

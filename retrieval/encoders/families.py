@@ -4,7 +4,7 @@ A family package holds `family.json` — its encoder class, its training objecti
 the importer's options, and its capabilities — and `configs/*.json`, its named models. The built-in families
 are the packages under retrieval/encoders/; an installed package adds one through the `retrieval.families`
 entry-point group (`name = "package"`). Classes are named as "module:attribute" and imported on first use,
-so listing families and models imports no model code.
+so reading the specs imports no family's code. docs/families.md says how to add a family.
 """
 
 from __future__ import annotations
@@ -14,35 +14,58 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from retrieval.errors import RetrievalError
-from retrieval.files import read_json
+from retrieval.files import has_type, read_json
 
 FAMILY_JSON = "family.json"
 ENTRY_POINTS = "retrieval.families"
 BUILT_IN = Path(__file__).parent
-
-# capability -> (what it is, for messages; what the family's encoder must have to claim it)
-CAPABILITIES: dict[str, tuple[str, tuple[str, ...]]] = {
-    # `search --rerank`, and `--explain` by patches
-    "word_alignment": ("word-to-patch alignment", ("alignment", "local_scores")),
-    # `encode --sparse-codes`, and `--explain` by codebook tokens
-    "sparse_codes": ("sparse codes", ("codes", "activations", "vectors_from_codes")),
-    # `retrieval bench train`
-    "length_groups": ("length-grouped training", ()),
-}
 OPTION_TYPES = {"float": float, "int": int, "str": str, "path": Path}
+RESERVED_OPTIONS = {"source", "out", "tokenizer"}  # the importer's own arguments
 REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+@dataclass(frozen=True)
+class Capability:
+    """A promise that the family's classes have certain attributes (methods, or a non-empty tuple)."""
+
+    description: str  # for messages: "test-tiny has no <description>"
+    encoder: tuple[str, ...] = ()
+    objective: tuple[str, ...] = ()
+
+
+CAPABILITIES = {
+    # `search --rerank`, `eval --rerank`, and `--explain` by patches
+    "word_alignment": Capability("word-to-patch alignment", encoder=("alignment", "local_scores")),
+    # `encode --sparse-codes`, and `--explain` by codebook tokens
+    "sparse_codes": Capability("sparse codes", encoder=("codes", "activations", "vectors_from_codes",
+                                                        "extra_columns")),
+    # `retrieval bench train`
+    "length_groups": Capability("length-grouped training",
+                                objective=("length_multiple", "row_multiple", "groups_per_side")),
+}
 
 
 def resolve(reference: str) -> Any:
     """The object a "module:attribute" reference names, imported now."""
     module, attribute = reference.split(":")
-    return getattr(importlib.import_module(module), attribute)
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as e:
+        raise RetrievalError(f"cannot load {reference}: {e}") from None
+
+
+def check_has(cls: type, names: tuple[str, ...], owner: str, capability: str) -> None:
+    missing = [name for name in names if not getattr(cls, name, None)]
+    if missing:
+        raise RetrievalError(f"family {owner!r} declares {capability!r} but {cls.__module__}.{cls.__name__} has "
+                             f"no {', '.join(missing)}")
 
 
 @dataclass(frozen=True)
@@ -79,71 +102,106 @@ class FamilySpec:
     folder: Path  # the package folder: family.json and configs/
 
     def encoder_class(self) -> type:
-        """The encoder class, checked to have what each declared capability needs."""
+        """The encoder class, checked to be one and to have what each declared capability needs."""
+        from retrieval.encoders.base import Encoder
+
         cls = resolve(self.encoder)
+        if not (isinstance(cls, type) and issubclass(cls, Encoder)):
+            raise RetrievalError(f"family {self.name!r}: {self.encoder} is not an Encoder class")
         for capability in sorted(self.capabilities):
-            missing = [m for m in CAPABILITIES[capability][1] if not callable(getattr(cls, m, None))]
-            if missing:
-                raise RetrievalError(f"family {self.name!r} declares {capability!r} but {self.encoder} has no "
-                                     f"{', '.join(missing)}")
+            check_has(cls, CAPABILITIES[capability].encoder, self.name, capability)
         return cls
 
     def objective_class(self) -> type:
+        """The training objective's class, checked to have what each declared capability needs."""
         if self.objective is None:
             raise RetrievalError(f"models of family {self.name!r} cannot be trained; trainable families: "
-                                 f"{', '.join(n for n, f in families().items() if f.objective) or 'none'}")
-        return resolve(self.objective)
+                                 f"{names_where(lambda spec: spec.objective)}")
+        cls = resolve(self.objective)
+        for capability in sorted(self.capabilities):
+            check_has(cls, CAPABILITIES[capability].objective, self.name, capability)
+        return cls
 
     def import_checkpoint(self, source: str | os.PathLike, out: str | os.PathLike,
                           tokenizer: str | os.PathLike | None = None, options: dict[str, str] | None = None) -> Path:
         """Convert an official checkpoint to our format with the family's importer."""
         if self.importer is None:
             raise RetrievalError(f"family {self.name!r} has no importer; families with one: "
-                                 f"{', '.join(n for n, f in families().items() if f.importer) or 'none'}")
+                                 f"{names_where(lambda spec: spec.importer)}")
         values = self.importer.parse(self.name, options or {})
         return resolve(self.importer.function)(source, out, tokenizer=tokenizer, **values)
 
 
 def read_family(folder: Path) -> FamilySpec:
-    """The spec in `folder`/family.json, checked."""
+    """The spec in `folder`/family.json, checked field by field."""
     path = folder / FAMILY_JSON
-    data = read_json(path)
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as e:
+        raise RetrievalError(f"cannot read {path}: {e}") from None
+
+    def refuse(problem: str) -> RetrievalError:
+        return RetrievalError(f"{path}: {problem}")
+
     known = {"family", "description", "encoder", "objective", "importer", "capabilities"}
     if not isinstance(data, dict) or set(data) - known or not {"family", "encoder"} <= set(data):
-        raise RetrievalError(f"{path}: a family spec has the keys {', '.join(sorted(known))} "
-                             "(family and encoder required)")
+        raise refuse(f"a family spec has the keys {', '.join(sorted(known))} (family and encoder required)")
+    if not (has_type(data["family"], str) and re.fullmatch(r"[a-z][a-z0-9_-]*", data["family"])):
+        raise refuse("family must be a lower-case name")
+    if not has_type(data.get("description", ""), str):
+        raise refuse("description must be a string")
     references = [data["encoder"], data.get("objective")]
     importer = data.get("importer")
     if importer is not None:
-        if not isinstance(importer, dict) or set(importer) - {"function", "source", "options"}:
-            raise RetrievalError(f"{path}: importer has the keys function, source and options")
-        references.append(importer.get("function"))
-        for name, option in importer.get("options", {}).items():
-            if not isinstance(option, dict) or option.get("type") not in OPTION_TYPES:
-                raise RetrievalError(f"{path}: importer option {name!r} needs a type, one of "
-                                     f"{', '.join(OPTION_TYPES)}")
-        importer = ImporterSpec(importer.get("function"), importer.get("source", "SOURCE"),
-                                importer.get("options", {}))
+        importer = read_importer(importer, refuse)
+        references.append(importer.function)
     bad = [r for r in references if r is not None and not (isinstance(r, str) and REFERENCE.fullmatch(r))]
     if bad:
-        raise RetrievalError(f"{path}: {bad[0]!r} is not a \"module:attribute\" reference")
-    capabilities = frozenset(data.get("capabilities", []))
-    if capabilities - set(CAPABILITIES):
-        raise RetrievalError(f"{path}: unknown capabilities {', '.join(sorted(capabilities - set(CAPABILITIES)))}; "
-                             f"known: {', '.join(CAPABILITIES)}")
+        raise refuse(f"{bad[0]!r} is not a \"module:attribute\" reference")
+    capabilities = data.get("capabilities", [])
+    if not (isinstance(capabilities, list) and all(has_type(c, str) for c in capabilities)):
+        raise refuse("capabilities must be a list of names")
+    unknown = sorted(set(capabilities) - set(CAPABILITIES))
+    if unknown:
+        raise refuse(f"unknown capabilities {', '.join(unknown)}; known: {', '.join(CAPABILITIES)}")
     return FamilySpec(name=data["family"], description=data.get("description", ""), encoder=data["encoder"],
-                      objective=data.get("objective"), importer=importer, capabilities=capabilities,
+                      objective=data.get("objective"), importer=importer, capabilities=frozenset(capabilities),
                       folder=folder)
+
+
+def read_importer(data: Any, refuse: Callable[[str], RetrievalError]) -> ImporterSpec:
+    if not isinstance(data, dict) or set(data) - {"function", "source", "options"} or "function" not in data:
+        raise refuse("importer has the keys function (required), source and options")
+    options = data.get("options", {})
+    if not isinstance(options, dict):
+        raise refuse("importer options must be an object of NAME: {type, help}")
+    for name, option in options.items():
+        if name in RESERVED_OPTIONS or not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+            raise refuse(f"importer option {name!r} must be a lower-case name other than "
+                         f"{', '.join(sorted(RESERVED_OPTIONS))}")
+        if not isinstance(option, dict) or option.get("type") not in OPTION_TYPES \
+                or not has_type(option.get("help", ""), str):
+            raise refuse(f"importer option {name!r} needs a type, one of {', '.join(OPTION_TYPES)} (and a help text)")
+    if not has_type(data.get("source", ""), str):
+        raise refuse("importer source must be a string")
+    return ImporterSpec(data["function"], data.get("source", "SOURCE"), options)
 
 
 def family_folders() -> list[Path]:
     """The built-in family packages, then those of installed plugins."""
     folders = sorted(p.parent for p in BUILT_IN.glob(f"*/{FAMILY_JSON}"))
     for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
-        spec = importlib.util.find_spec(entry.value)
+        where = f"entry point {entry.name} = {entry.value!r} ({ENTRY_POINTS})"
+        try:
+            spec = importlib.util.find_spec(entry.value)
+        except (ImportError, ValueError) as e:
+            raise RetrievalError(f"{where}: cannot find the package: {e}") from None
         if spec is None or not spec.submodule_search_locations:
-            raise RetrievalError(f"entry point {entry.name} = {entry.value!r} ({ENTRY_POINTS}) is not a package")
-        folders.append(Path(next(iter(spec.submodule_search_locations))))
+            raise RetrievalError(f"{where} is not a package")
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        if not (folder / FAMILY_JSON).is_file():
+            raise RetrievalError(f"{where}: the package has no {FAMILY_JSON}")
+        folders.append(folder)
     return folders
 
 
@@ -165,13 +223,13 @@ def family(name: str) -> FamilySpec:
     return families()[name]
 
 
-def with_capability(capability: str) -> list[str]:
-    """The names of the families that have `capability`, for messages."""
-    return [name for name, spec in families().items() if capability in spec.capabilities]
+def names_where(test: Callable[[FamilySpec], Any]) -> str:
+    """The names of the families that pass `test`, for messages ("none" if no family does)."""
+    return ", ".join(name for name, spec in families().items() if test(spec)) or "none"
 
 
 def require(encoder, capability: str, purpose: str) -> None:
     """Refuse `purpose` for an encoder whose family does not declare `capability`."""
     if not encoder.supports(capability):
-        raise RetrievalError(f"{encoder.name} has no {CAPABILITIES[capability][0]}, which {purpose} needs "
-                             f"(families with it: {', '.join(with_capability(capability)) or 'none'})")
+        raise RetrievalError(f"{encoder.name} has no {CAPABILITIES[capability].description}, which {purpose} needs "
+                             f"(families with it: {names_where(lambda spec: capability in spec.capabilities)})")

@@ -20,7 +20,10 @@ def list_configs() -> dict[str, EncoderConfig]:
     configs: dict[str, tuple[EncoderConfig, Path]] = {}
     for spec in families().values():
         for path in sorted((spec.folder / "configs").glob("*.json")):
-            config = EncoderConfig.from_dict(read_json(path))
+            try:
+                config = EncoderConfig.from_dict(read_json(path))
+            except (RetrievalError, ValueError) as e:
+                raise RetrievalError(f"{path}: {e}") from None
             if config.name != path.stem:
                 raise RetrievalError(f"{path}: config name {config.name!r} differs from the file name")
             if config.family != spec.name:

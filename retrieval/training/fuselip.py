@@ -14,13 +14,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from retrieval.encoders.fuselip import FuseLIPEncoder
-from retrieval.encoders.fuselip.model import LENGTH_MULTIPLE, ROW_MULTIPLE, in_row_order
+from retrieval.encoders.fuselip.model import (
+    LENGTH_MULTIPLE,
+    ROW_MULTIPLE,
+    in_row_order,
+    length_groups,
+    row_lengths,
+)
 from retrieval.images import load_image
 from retrieval.training.losses import MAX_LOGIT_SCALE, mask_tokens, masked_token_loss, siglip_loss
 from retrieval.training.pairs import Pair, candidates
 
 
 class FuseLIPObjective:
+    length_multiple = LENGTH_MULTIPLE  # `bench train` sets one no row reaches: one padded batch
+    row_multiple = ROW_MULTIPLE  # under CPU autocast only, where it keeps the bf16 kernels few
+
     def __init__(self, encoder: FuseLIPEncoder, pairs: list[Pair], mask_probability: float = 0.1,
                  mmm_weight: float = 0.25, device: str = "cpu", progress: bool = True):
         self.encoder = encoder
@@ -35,8 +44,6 @@ class FuseLIPObjective:
         self._text_rows: dict[str, list[int]] = {}
         ids = self.model.config.special_ids
         self.never_masked = [ids.eot, ids.pad] + ([ids.mask] if ids.mask is not None else [])
-        self.length_multiple = LENGTH_MULTIPLE  # `bench train` sets one no row reaches: one padded batch
-        self.row_multiple = ROW_MULTIPLE  # under CPU autocast only, where it keeps the bf16 kernels few
 
     @property
     def codes(self) -> torch.Tensor:
@@ -88,6 +95,11 @@ class FuseLIPObjective:
         contrastive = siglip_loss(*embeddings, batch["positives"], model.logit_scale, model.logit_bias)
         loss = contrastive + self.mmm_weight * mmm
         return loss, {"siglip": contrastive.item(), "mmm": float(mmm.detach())}
+
+    def groups_per_side(self, batch: dict[str, Any], multiple: int) -> list[int]:
+        """How many groups of lengths rounded to `multiple` each side of `batch` runs in (for `bench train`)."""
+        pad = self.model.config.special_ids.pad
+        return [len(length_groups(row_lengths(ids, pad), multiple)) for ids, _, _ in batch["sides"].values()]
 
     def after_step(self) -> None:
         with torch.no_grad():

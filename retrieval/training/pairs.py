@@ -13,12 +13,13 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from retrieval.errors import RetrievalError
-from retrieval.files import read_json, read_jsonl, write_json, write_jsonl
+from retrieval.files import has_type, read_json, read_jsonl, write_json, write_jsonl
+
+if TYPE_CHECKING:
+    import torch
 
 PAIRS = "train/pairs.jsonl"
 PAIRS_JSON = "train/pairs.json"
@@ -57,8 +58,7 @@ def write_pairs(root: Path, name: str, pairs: list[dict[str, Any]]) -> None:
     base = root / "train"
     write_jsonl(root / PAIRS, ({k: os.path.relpath(v, base) if k.endswith("_image") and v else v
                                 for k, v in p.items()} for p in pairs))
-    write_json(root / PAIRS_JSON, {"format": PAIRS_FORMAT, "name": name, "pairs": len(pairs),
-                                   "groups": len({p["group"] for p in pairs})})
+    write_json(root / PAIRS_JSON, {"format": PAIRS_FORMAT, "name": name})
 
 
 def read_pairs(data_dirs: list[str | os.PathLike]) -> list[Pair]:
@@ -70,8 +70,9 @@ def read_pairs(data_dirs: list[str | os.PathLike]) -> list[Pair]:
             raise RetrievalError(f"{folder} has no training pairs ({PAIRS_JSON}); make them with "
                                  "`retrieval data make` (without --no-train-pairs)")
         meta = read_json(path)
-        if not isinstance(meta, dict) or meta.get("format") != PAIRS_FORMAT:
-            raise RetrievalError(f"{path} is not a training pairs description")
+        if not (isinstance(meta, dict) and meta.get("format") == PAIRS_FORMAT and has_type(meta.get("name"), str)
+                and meta["name"] and "/" not in meta["name"]):
+            raise RetrievalError(f"{path} is not a training pairs description (format {PAIRS_FORMAT}, a name)")
         path = Path(folder) / PAIRS
         base = path.parent
 
@@ -152,6 +153,8 @@ def candidates(pairs: list[Pair]) -> tuple[list[tuple[str | None, str | None]], 
     target is the very item a pair's query is (an image whose caption is asked for is also the target of
     its flip's "flip back")."""
     index = {item: j for j, item in enumerate(dict.fromkeys(p.target for p in pairs))}
+    import torch
+
     positives = torch.zeros(len(pairs), len(index), dtype=torch.bool)
     query_is_target = torch.zeros_like(positives)
     for i, p in enumerate(pairs):
