@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 
-from indexers.kinds import supports_gpu
+from indexers.kinds import supports_gpu, unwrap
 
 log = logging.getLogger(__name__)
 GPU_MAX_K = 2048  # classic GPU indexes cannot return more than this many neighbours or probe more lists
@@ -52,7 +52,7 @@ def to_gpu(index, notes: list[str]):
     import faiss
 
     if not supports_gpu(index):
-        notes.append(f"{type(faiss.downcast_index(index)).__name__} has no GPU version: staying on the CPU")
+        notes.append(f"{type(unwrap(index)).__name__} has no GPU version: staying on the CPU")
         return index, "cpu"
     try:
         resources = faiss.StandardGpuResources()
