@@ -1,4 +1,5 @@
-# `make demo` sets up .venv and runs the main job on generated data; `make test` runs the test suite.
+# `make demo` sets up .venv and runs the main job on generated data; `make test` runs the test suite (what CI
+# runs); `make test-fast` runs it without the tests marked `slow`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ $(BIN)/retrieval: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: setup demo test lint results
+.PHONY: setup demo test test-fast lint results
 setup: $(BIN)/retrieval
 
 demo: setup
@@ -18,6 +19,10 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from evaluation.shapesworld import make_shapesworld
+from retrieval.text_tokenizer import OWN_IDS, TextTokenizer
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests run on the CPU unless marked `cuda`
 RETRIEVAL = Path(sys.executable).with_name("retrieval")
@@ -104,3 +105,17 @@ def write_shape_images(folder: Path) -> dict[str, str]:
             shape_image(colour, shape).save(path)
             paths[f"{name}-{shape}"] = str(path)
     return paths
+
+
+TOKENIZERS = "retrieval/checkpoints/tokenizers"
+
+
+@pytest.fixture(scope="module")
+def tok() -> TextTokenizer:
+    return TextTokenizer.load(TOKENIZERS, OWN_IDS)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> dict[str, str]:
+    """PNG files `<colour>-<shape>` for four colours and two shapes."""
+    return write_shape_images(tmp_path_factory.mktemp("fdt-images"))

@@ -41,6 +41,7 @@ def report(quick_timing):
     return bench_index(n=N, dim=DIM, queries=100, memory_budget="1GB", progress=False)
 
 
+@pytest.mark.slow
 def test_report_has_every_candidate_with_sane_values(report):
     auto = choose_index(N, DIM, parse_memory("1GB")).key
     assert report["auto"]["key"] == auto and report["auto"]["reason"]
@@ -66,6 +67,7 @@ def test_report_has_every_candidate_with_sane_values(report):
     json.dumps(report)  # JSON-able as it is
 
 
+@pytest.mark.slow
 def test_report_lines_show_the_table_and_the_bar(report):
     lines = report_lines(report)
     text = "\n".join(lines)

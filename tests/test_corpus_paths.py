@@ -72,6 +72,7 @@ def test_folder_corpus_refuses_links_out_of_its_root(linked_folder, tmp_path):
     assert SECRET not in everything
 
 
+@pytest.mark.slow
 def test_follow_symlinks_reads_them_and_enters_linked_folders_once(linked_folder, tmp_path):
     root, _ = linked_folder
     out = tmp_path / "store"
@@ -103,11 +104,12 @@ def manifest_corpus(tmp_path) -> Path:
 
 @pytest.mark.parametrize("flags, kept, refused", [
     ([], ["here", "up", "abs"], {"link": "symlink leads out"}),
-    (["--follow-symlinks"], ["here", "up", "abs", "link"], {}),
-    (["--root-only"], ["here"], {"up": "outside the corpus root", "abs": "outside the corpus root",
-                                 "link": "symlink leads out"}),
-    (["--root-only", "--follow-symlinks"], ["here", "link"], {"up": "outside the corpus root",
-                                                             "abs": "outside the corpus root"}),
+    pytest.param(["--follow-symlinks"], ["here", "up", "abs", "link"], {}, marks=pytest.mark.slow),
+    pytest.param(["--root-only"], ["here"], {"up": "outside the corpus root", "abs": "outside the corpus root",
+                                             "link": "symlink leads out"}, marks=pytest.mark.slow),
+    pytest.param(["--root-only", "--follow-symlinks"], ["here", "link"], {"up": "outside the corpus root",
+                                                                         "abs": "outside the corpus root"},
+                 marks=pytest.mark.slow),
 ])
 def test_manifest_paths_outside_its_folder(manifest_corpus, tmp_path, flags, kept, refused):
     out = tmp_path / "store"
@@ -281,6 +283,7 @@ def test_csv_numbers_are_only_what_people_write_as_numbers(tmp_path):
     assert table["odd"] == ["1_000", " 12 ", "nan"]
 
 
+@pytest.mark.slow
 def test_search_json_has_no_nan(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

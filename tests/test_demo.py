@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from evaluation.demo import BUNDLED, CAPTION, KINDS, QUERY_COLS, THUMB
 from tests.conftest import run_cli
 
 
+@pytest.mark.slow
 def test_demo_writes_sheets_and_prints_every_model_and_task(tmp_path):
     k = 3
     out = tmp_path / "demo"

@@ -1,5 +1,6 @@
-"""`retrieval eval`: ranking metrics, task scoring, oracles and random models on generated data, fusion modes,
-task selection, the embedding cache and the command line end to end."""
+"""`retrieval eval`: oracles and random models on generated data, fusion modes, task selection, the embedding cache
+and the command line end to end. The metrics are tested in test_eval_metrics.py, task files and scoring in
+test_eval_scoring.py."""
 
 from __future__ import annotations
 
@@ -17,9 +18,8 @@ from PIL import Image
 from evaluation import report
 from evaluation.digits import make_digits
 from evaluation.evaluate import EmbeddingCache, evaluate_task, fusion_modes, run_eval, score_task, select_tasks
-from evaluation.metrics import chance_top1, mean_metrics, positive_ranks, query_metrics
 from evaluation.shapesworld import make_shapesworld
-from evaluation.tasks import Item, Query, Task, list_tasks, read_task, write_task
+from evaluation.tasks import Item, Query, Task, list_tasks, read_task
 from retrieval.encoders.registry import get_config
 from retrieval.encoders.test_tiny import TinyTestEncoder
 from retrieval.errors import RetrievalError
@@ -58,11 +58,6 @@ def tiny(cls: type[TinyTestEncoder] = TinyTestEncoder) -> TinyTestEncoder:
 
 
 @pytest.fixture(scope="module")
-def tiny_encoder() -> TinyTestEncoder:
-    return tiny()
-
-
-@pytest.fixture(scope="module")
 def tiny_report(data_dirs) -> dict:
     return run_eval("all", "test-tiny", data=[data_dirs["shapesworld"], data_dirs["digits"]], device="cpu",
                     progress=False)
@@ -81,224 +76,6 @@ def _aggregate(task: Task, per_query: list[float]) -> float:
 
 def _n_candidates(task: Task, q: Query) -> int:
     return len(q.candidates) if q.candidates is not None else len(task.candidates)
-
-
-# ---------------------------------------------------------------------------------------------- 1. metrics
-
-
-def test_metrics_one_positive_by_hand():
-    scores = np.array([0.2, 0.9, 0.5, 0.7, 0.1])
-    m = query_metrics(scores, np.array([0, 0, 1, 0, 0], bool), ks=(1, 2, 3, 5))
-    # 0.5 is third after 0.9 and 0.7 → rank 3
-    assert m == {"top1": 0.0, "mrr": pytest.approx(1 / 3), "hit@1": 0.0, "recall@1": 0.0, "hit@2": 0.0,
-                 "recall@2": 0.0, "hit@3": 1.0, "recall@3": 1.0, "hit@5": 1.0, "recall@5": 1.0}
-    best = query_metrics(scores, np.array([0, 1, 0, 0, 0], bool), ks=(1,))
-    assert best == {"top1": 1.0, "mrr": 1.0, "hit@1": 1.0, "recall@1": 1.0}
-    worst = query_metrics(scores, np.array([0, 0, 0, 0, 1], bool), ks=(4, 5))
-    assert worst["mrr"] == pytest.approx(0.2) and worst["hit@4"] == 0.0 and worst["hit@5"] == 1.0
-
-
-def test_metrics_several_positives_by_hand():
-    scores = np.array([0.9, 0.8, 0.7, 0.1])
-    positive = np.array([0, 1, 0, 1], bool)
-    assert list(positive_ranks(scores, positive)) == [1, 3]
-    m = query_metrics(scores, positive, ks=(1, 2, 3, 4))
-    assert m["top1"] == 0.0
-    assert m["mrr"] == pytest.approx(0.5)
-    assert (m["hit@1"], m["hit@2"], m["hit@3"], m["hit@4"]) == (0.0, 1.0, 1.0, 1.0)
-    assert (m["recall@1"], m["recall@2"], m["recall@3"], m["recall@4"]) == (0.0, 0.5, 0.5, 1.0)
-    # three positives among six, at ranks 0, 2 and 5 (order: 0.95, 0.7, 0.6, 0.5, 0.3, 0.2)
-    m = query_metrics(np.array([0.3, 0.95, 0.6, 0.7, 0.2, 0.5]), np.array([0, 1, 1, 0, 1, 0], bool),
-                      ks=(1, 2, 3, 5, 6))
-    assert m["top1"] == 1.0 and m["mrr"] == 1.0
-    assert m["recall@1"] == pytest.approx(1 / 3) and m["recall@2"] == pytest.approx(1 / 3)
-    assert m["recall@3"] == pytest.approx(2 / 3) and m["recall@5"] == pytest.approx(2 / 3)
-    assert m["recall@6"] == 1.0
-
-
-def test_metrics_ties_go_against_positives():
-    # a positive tied with a negative ranks below it
-    m = query_metrics(np.array([0.5, 0.5, 0.1]), np.array([1, 0, 0], bool), ks=(1, 2))
-    assert (m["top1"], m["mrr"], m["hit@1"], m["hit@2"]) == (0.0, 0.5, 0.0, 1.0)
-    # order in the array does not matter
-    m2 = query_metrics(np.array([0.5, 0.5, 0.1]), np.array([0, 1, 0], bool), ks=(1, 2))
-    assert m2 == m
-    # all scores equal: one positive among n ranks last, not first
-    for n in (2, 5, 10):
-        positive = np.zeros(n, bool)
-        positive[n // 2] = True
-        m = query_metrics(np.full(n, 0.3), positive, ks=(1, n - 1, n))
-        assert m["top1"] == 0.0, n
-        assert m["mrr"] == pytest.approx(1 / n)
-        assert m[f"hit@{n - 1}"] == 0.0 and m[f"hit@{n}"] == 1.0
-
-
-def test_metrics_tied_positives_do_not_push_each_other_down():
-    m = query_metrics(np.array([0.5, 0.5, 0.1]), np.array([1, 1, 0], bool), ks=(1, 2))
-    assert (m["top1"], m["mrr"], m["hit@1"]) == (1.0, 1.0, 1.0)
-    assert m["recall@2"] == 1.0
-    # two tied positives behind a tied negative: the first of them is second
-    m = query_metrics(np.array([0.5, 0.5, 0.5]), np.array([1, 1, 0], bool), ks=(1, 2, 3))
-    assert (m["top1"], m["mrr"], m["hit@2"], m["recall@3"]) == (0.0, 0.5, 1.0, 1.0)
-
-
-def test_recall_with_tied_positives_is_bounded_by_k():
-    # only one item fits in the top 1, so at most half of two positives can be found there
-    m = query_metrics(np.array([0.5, 0.5, 0.1]), np.array([1, 1, 0], bool), ks=(1, 2))
-    assert m["recall@1"] == 0.5
-    # a tied negative goes first, then the two positives at ranks 1 and 2
-    m = query_metrics(np.array([0.5, 0.5, 0.5]), np.array([1, 1, 0], bool), ks=(2,))
-    assert m["recall@2"] == 0.5
-
-
-def test_metrics_need_a_positive():
-    with pytest.raises(ValueError):
-        query_metrics(np.array([0.1, 0.2]), np.array([0, 0], bool), ks=(1,))
-
-
-def test_chance_and_mean():
-    assert chance_top1(10, 1) == pytest.approx(0.1)
-    assert chance_top1(60, 2) == pytest.approx(1 / 30)
-    assert chance_top1(4, 4) == 1.0
-    assert mean_metrics([]) == {}
-    rows = [{"top1": 1.0, "mrr": 1.0}, {"top1": 0.0, "mrr": 0.5}, {"top1": 0.0, "mrr": 0.25}]
-    assert mean_metrics(rows) == {"top1": pytest.approx(1 / 3), "mrr": pytest.approx(1.75 / 3)}
-    # a random ranking's expected top1 is the chance level
-    rng = np.random.default_rng(0)
-    positive = np.zeros(8, bool)
-    positive[:2] = True
-    top1 = np.mean([query_metrics(rng.random(8), positive, (1,))["top1"] for _ in range(4000)])
-    assert top1 == pytest.approx(chance_top1(8, 2), abs=0.03)
-
-
-# ---------------------------------------------------------------------------------------------- 2. score_task
-
-
-@pytest.fixture()
-def images(tmp_path) -> dict[str, str]:
-    out = {}
-    for name, colour in (("a", "red"), ("b", "blue"), ("c", "green")):
-        path = tmp_path / "imgs" / f"{name}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.new("RGB", (16, 16), colour).save(path)
-        out[name] = str(path)
-    return out
-
-
-def _candidates_task(images: dict[str, str], by_type: bool = True) -> Task:
-    """Per-query candidate lists; 'A#dup' is the same image as 'A' under another id (as in tgit's flip group).
-    Type x has three queries, type y one, so the mean over types and the mean over queries differ."""
-    cands = [Item("A", images["a"]), Item("A#dup", images["a"]), Item("B", images["b"]), Item("C", images["c"]),
-             Item("D", text="a dog")]
-    queries = [
-        Query(Item("q1", images["a"], "make it blue"), ("B",), ("A", "A#dup", "B"), "x"),
-        Query(Item("q2", images["a"], "keep it"), ("A",), ("A", "A#dup", "B"), "x"),
-        Query(Item("q3", images["b"], "make it green"), ("C",), ("A", "B", "C"), "x"),
-        Query(Item("q4", text="the green one"), ("C",), ("A", "B", "C", "D"), "y"),
-    ]
-    return Task("hand", "handmade", "candidates", "top1", "a hand-made candidates task", queries, cands,
-                by_type=by_type, extra={"note": "kept"})
-
-
-# candidate vectors: A and A#dup are the same image, so they embed the same
-CAND_VECTORS = np.eye(5, dtype=np.float32)[[0, 0, 1, 2, 3]]
-QUERY_VECTORS = np.eye(5, dtype=np.float32)[[1, 0, 2, 3]]
-
-
-def test_task_round_trip(tmp_path, images):
-    task = _candidates_task(images)
-    folder = write_task(task, tmp_path / "tasks" / "hand")
-    assert list_tasks(tmp_path) == ["hand"]
-    back = read_task(folder)
-    assert (back.name, back.dataset, back.kind, back.primary, back.by_type) == ("hand", "handmade", "candidates",
-                                                                               "top1", True)
-    assert back.extra == {"note": "kept"}
-    assert [c.id for c in back.candidates] == [c.id for c in task.candidates]
-    assert [c.text for c in back.candidates] == [c.text for c in task.candidates]
-    assert [(q.item.id, q.item.text, q.positives, q.candidates, q.type) for q in back.queries] == \
-        [(q.item.id, q.item.text, q.positives, q.candidates, q.type) for q in task.queries]
-    for old, new in zip([*task.candidates, *(q.item for q in task.queries)],
-                        [*back.candidates, *(q.item for q in back.queries)]):
-        if old.image is None:
-            assert new.image is None
-        else:
-            assert os.path.isabs(new.image) and os.path.samefile(new.image, old.image)
-    # paths in the files are relative, so the folder can move
-    record = json.loads((folder / "candidates.jsonl").read_text().splitlines()[0])
-    assert not os.path.isabs(record["image"])
-    with pytest.raises(RetrievalError):
-        write_task(Task("bad", "handmade", "ranked", "top1", "", [], []), tmp_path / "bad")
-
-
-def test_read_task_rejects_unknown_positives(tmp_path, images):
-    task = _candidates_task(images)
-    task.queries.append(Query(Item("q5", text="?"), ("Z",), ("A", "B"), "y"))
-    folder = write_task(task, tmp_path / "bad")
-    with pytest.raises(RetrievalError, match="q5"):
-        read_task(folder)
-
-
-def test_score_candidates_task_by_type(tmp_path, images):
-    task = read_task(write_task(_candidates_task(images), tmp_path / "hand"))
-    res = score_task(task, QUERY_VECTORS, CAND_VECTORS, ks=(1, 2))
-    # q1: B wins (rank 0). q2: A ties with its duplicate A#dup → rank 1. q3: C wins. q4: D wins, C ties A and B → 3
-    x = {"top1": 2 / 3, "mrr": (1 + 0.5 + 1) / 3, "hit@1": 2 / 3, "recall@1": 2 / 3, "hit@2": 1.0, "recall@2": 1.0}
-    y = {"top1": 0.0, "mrr": 0.25, "hit@1": 0.0, "recall@1": 0.0, "hit@2": 0.0, "recall@2": 0.0}
-    assert res["by_type"] == {"x": pytest.approx(x), "y": pytest.approx(y)}
-    # primary metrics: each type counts the same (not each query)
-    assert res["metrics"] == pytest.approx({k: (x[k] + y[k]) / 2 for k in x})
-    assert res["metrics"]["top1"] == pytest.approx(1 / 3)  # over queries it would be 0.5
-    assert res["chance"] == pytest.approx((1 / 3 + 1 / 4) / 2)  # over queries: 5/16
-
-    flat = score_task(read_task(write_task(_candidates_task(images, by_type=False), tmp_path / "flat")),
-                      QUERY_VECTORS, CAND_VECTORS, ks=(1, 2))
-    assert flat["metrics"]["top1"] == pytest.approx(0.5)
-    assert flat["metrics"]["mrr"] == pytest.approx((1 + 0.5 + 1 + 0.25) / 4)
-    assert flat["chance"] == pytest.approx(5 / 16)
-    assert flat["by_type"] == res["by_type"]  # per-type scores are reported either way
-
-
-def test_score_pool_task_by_type(tmp_path):
-    cands = [Item(f"P{i}", text=f"text {i}") for i in range(1, 5)]
-    queries = [Query(Item("q1", text="one"), ("P1",), None, "u"),
-               Query(Item("q2", text="one or two"), ("P1", "P2"), None, "u"),
-               Query(Item("q3", text="four"), ("P4",), None, "v")]
-    task = read_task(write_task(Task("pool", "handmade", "pool", "top1", "", queries, cands, by_type=True),
-                                tmp_path / "pool"))
-    q = np.array([[1, 0, 0, 0], [0.1, 0.2, 0.9, 0], [0.3, 0.2, 0.1, 0.0]], np.float32)
-    res = score_task(task, q, np.eye(4, dtype=np.float32), ks=(1, 2, 3))
-    u = {"top1": 0.5, "mrr": 0.75, "hit@1": 0.5, "recall@1": 0.5, "hit@2": 1.0, "recall@2": 0.75,
-         "hit@3": 1.0, "recall@3": 1.0}
-    v = {"top1": 0.0, "mrr": 0.25, "hit@1": 0.0, "recall@1": 0.0, "hit@2": 0.0, "recall@2": 0.0,
-         "hit@3": 0.0, "recall@3": 0.0}
-    assert res["by_type"] == {"u": pytest.approx(u), "v": pytest.approx(v)}
-    assert res["metrics"] == pytest.approx({k: (u[k] + v[k]) / 2 for k in u})
-    assert res["metrics"]["top1"] == pytest.approx(0.25)  # over queries: 1/3
-    assert res["chance"] == pytest.approx(((1 / 4 + 2 / 4) / 2 + 1 / 4) / 2)  # over queries: 1/3
-
-    # without types, by_type has nothing to average over: the mean over queries, and no by_type entry
-    plain = Task("plain", "handmade", "pool", "top1", "", [Query(x.item, x.positives) for x in task.queries],
-                 task.candidates, by_type=True)
-    res = score_task(plain, q, np.eye(4, dtype=np.float32), ks=(1,))
-    assert "by_type" not in res
-    assert res["metrics"]["top1"] == pytest.approx(1 / 3) and res["chance"] == pytest.approx(1 / 3)
-
-
-def test_evaluate_task_duplicated_image_ties_against_the_positive(tmp_path, images, tiny_encoder):
-    """With a real encoder the duplicated image embeds exactly like the positive, so the tie goes against it."""
-    cands = [Item("A", images["a"]), Item("A#dup", images["a"]), Item("B", images["b"])]
-    queries = [Query(Item("same", images["a"]), ("A",), ("A", "A#dup", "B"), "one"),
-               Query(Item("both", images["a"]), ("A", "A#dup"), ("A", "A#dup", "B"), "both")]
-    task = read_task(write_task(Task("dup", "handmade", "candidates", "top1", "", queries, cands, by_type=True),
-                                tmp_path / "dup"))
-    row = evaluate_task(task, EmbeddingCache(tiny_encoder, progress=False), ks=(1, 2))
-    assert row["by_type"]["one"]["top1"] == 0.0 and row["by_type"]["one"]["mrr"] == 0.5
-    assert row["by_type"]["both"]["top1"] == 1.0
-    assert row["metrics"]["top1"] == 0.5
-    assert row["chance"] == pytest.approx((1 / 3 + 2 / 3) / 2)
-    assert {k: row[k] for k in ("dataset", "task", "primary", "queries", "candidates")} == \
-        {"dataset": "handmade", "task": "dup", "primary": "top1", "queries": 2, "candidates": 3}
-    assert row["seconds"] >= 0
 
 
 # ---------------------------------------------------------------------------------------------- 3. oracles
@@ -444,6 +221,7 @@ def test_fusion_modes():
     assert fusion_modes(tiny(Late)) == ("late",)
 
 
+@pytest.mark.slow  # its report runs two models over six tasks: 10 s
 def test_run_eval_rows_per_fusion_mode(fusion_report):
     rows = fusion_report["results"]
     # in the order of the names asked for; a bare name picks that task in every data set
@@ -604,6 +382,7 @@ def test_markdown_per_type_claim_holds(cli_run):
             assert r["metrics"][r["primary"]] == pytest.approx(mean), r["task"]
 
 
+@pytest.mark.slow  # four CLI runs for argument errors: 8 s
 @pytest.mark.parametrize(("args", "message"), [
     (["nope"], "no task 'nope'"),
     (["t2i", "--k", "a"], "--k must be comma-separated integers"),

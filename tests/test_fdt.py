@@ -1,14 +1,13 @@
 """FDT (reference: /work/shared/reference/fdt.md §2, §5, §6) on tiny random models.
 
-Sparsemax against a brute-force projection onto the simplex, its gradient against the analytic Jacobian, its
-stability; sparsity against the temperature; the padding masks; sparse codes stored by `encode --sparse-codes`
-and the embeddings rebuilt from them; a few training steps of FDTObjective; the token explanations of
-`search --explain`. The official checkpoint importer is tested in test_fdt_import.py.
+Sparsity against the temperature; the padding masks; the token activations; a few training steps of
+FDTObjective. Sparsemax is tested in test_fdt_sparsemax.py, the sparse codes stored by `encode --sparse-codes`
+and the token explanations of `search --explain` in test_fdt_codes.py, the official checkpoint importer in
+test_fdt_import.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -17,15 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import run_cli, write_shape_images
+from conftest import TOKENIZERS  # noqa: F401 (test_fdt_import.py imports it from here)
 from PIL import Image
+from test_fdt_sparsemax import simplex_projection
 
 from retrieval import RetrievalError
 from retrieval.encoders.base import EncoderConfig
-from retrieval.encoders.fdt import CODE_COLUMNS, FDTEncoder
-from retrieval.encoders.fdt.sparsemax import sparsemax
-from retrieval.encoders.registry import get_config, load_encoder
+from retrieval.encoders.fdt import FDTEncoder
+from retrieval.encoders.registry import get_config
 from retrieval.text_tokenizer import OWN_IDS, TextTokenizer
 from retrieval.training.pairs import Pair
 
@@ -34,12 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thr
 CTX = 12
 GRID = 4  # 16 px, patch 4
 CODEBOOK = 64
-TOKENIZERS = "retrieval/checkpoints/tokenizers"
-
-
-@pytest.fixture(scope="module")
-def tok() -> TextTokenizer:
-    return TextTokenizer.load(TOKENIZERS, OWN_IDS)
 
 
 def tiny_config(context_length: int = CTX, **model) -> EncoderConfig:
@@ -56,12 +48,6 @@ def tiny_encoder(tok: TextTokenizer, seed: int = 0, fusion_mode: str = "score", 
     config = tiny_config(**model)
     torch.manual_seed(seed)
     return FDTEncoder(config, FDTEncoder.build_model(config), tokenizer=tok, fusion_mode=fusion_mode)
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory) -> dict[str, str]:
-    """PNG files `<colour>-<shape>` for four colours and two shapes."""
-    return write_shape_images(tmp_path_factory.mktemp("fdt-images"))
 
 
 def cli_in_process(capsys, *args: str | Path) -> tuple[int, str]:
@@ -91,162 +77,6 @@ def cli_in_process(capsys, *args: str | Path) -> tuple[int, str]:
 def test_bad_model_configs_are_refused(change, message):
     with pytest.raises(RetrievalError, match=re.escape(message)):
         FDTEncoder.build_model(tiny_config(**change))
-
-
-# ---------------------------------------------------------------- 1-3. sparsemax
-
-
-def simplex_projection(a: np.ndarray) -> np.ndarray:
-    """argmin ||w − a||² over the simplex, by bisection on τ (Σ max(a − τ, 0) = 1), in float64."""
-    a = np.asarray(a, dtype=np.float64)
-    lo, hi = a.max() - 1.0, a.max()  # Σ max(a − lo, 0) ≥ 1 ≥ Σ max(a − hi, 0) = 0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if np.maximum(a - mid, 0).sum() > 1:
-            lo = mid
-        else:
-            hi = mid
-    return np.maximum(a - (lo + hi) / 2, 0)
-
-
-def simplex_projection_by_support(a: np.ndarray) -> np.ndarray:
-    """The same projection for tiny sizes from the KKT conditions, by trying every support S:
-    τ = (Σ_S a − 1)/|S| with a_i > τ on S and a_j ≤ τ off S."""
-    n = len(a)
-    for mask in range(1, 2 ** n):
-        support = [i for i in range(n) if mask >> i & 1]
-        tau = (sum(a[i] for i in support) - 1) / len(support)
-        if all(a[i] > tau for i in support) and all(a[j] <= tau for j in range(n) if j not in support):
-            return np.array([a[i] - tau if i in support else 0.0 for i in range(n)])
-    raise AssertionError("no support satisfies the KKT conditions")
-
-
-def _threshold(a: np.ndarray) -> float:
-    w = simplex_projection(a)
-    i = int(np.argmax(w))
-    return float(a[i] - w[i])
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
-def test_sparsemax_equals_the_projection_found_by_trying_every_support(n):
-    gen = torch.Generator().manual_seed(n)
-    for scale in (0.1, 1.0, 4.0):
-        a = torch.randn(n, generator=gen, dtype=torch.float64) * scale
-        expected = simplex_projection_by_support(a.tolist())
-        np.testing.assert_allclose(sparsemax(a).numpy(), expected, atol=1e-12)
-        np.testing.assert_allclose(simplex_projection(a.numpy()), expected, atol=1e-12)  # the two references agree
-
-
-@pytest.mark.parametrize("n", [7, 50, 1000])
-def test_sparsemax_equals_the_bisection_projection(n):
-    gen = torch.Generator().manual_seed(n)
-    a = torch.randn(4, n, generator=gen, dtype=torch.float64) * torch.tensor([[0.05], [1.0], [3.0], [20.0]],
-                                                                             dtype=torch.float64)
-    out = sparsemax(a)
-    assert out.dtype == torch.float64 and out.shape == a.shape
-    for row, got in zip(a.numpy(), out.numpy()):
-        expected = simplex_projection(row)
-        np.testing.assert_allclose(got, expected, atol=1e-10)
-        assert (got >= 0).all() and got.sum() == pytest.approx(1.0, abs=1e-12)
-        tau = _threshold(row)
-        clear = np.abs(row - tau) > 1e-9  # entries not on the edge of the support
-        assert np.array_equal(got[clear] == 0, expected[clear] == 0)  # exact zeros exactly where projected to 0
-    # a spread-out input is mostly exact zeros; a flat one is dense
-    spread, flat = out[3].numpy(), out[0].numpy()
-    assert (spread == 0).sum() >= 0.8 * n and (spread > 0).sum() >= 1
-    if n <= 50:
-        assert (flat > 0).sum() >= 0.5 * n
-
-
-@pytest.mark.parametrize("dim", [0, 1, 2, -1, -2])
-def test_sparsemax_along_any_dimension(dim):
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 5, 6, generator=gen, dtype=torch.float64) * 2
-    out = sparsemax(x, dim)
-    expected = np.apply_along_axis(simplex_projection, dim % 3, x.numpy())
-    np.testing.assert_allclose(out.numpy(), expected, atol=1e-10)
-    np.testing.assert_allclose(out.sum(dim).numpy(), 1.0, atol=1e-12)
-    assert (out >= 0).all() and (out == 0).any()
-    two_d = torch.randn(6, 9, generator=gen, dtype=torch.float64) * 2
-    for d in (0, 1):
-        np.testing.assert_allclose(sparsemax(two_d, d).numpy(),
-                                   np.apply_along_axis(simplex_projection, d, two_d.numpy()), atol=1e-10)
-
-
-def _without_ties(shape: tuple[int, ...], dim: int, seed: int) -> torch.Tensor:
-    """A random float64 input whose entries are all at least 1e-3 away from their slice's threshold τ (so the
-    support does not change under gradcheck's finite differences)."""
-    for s in range(seed, seed + 100):
-        x = torch.randn(*shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64) * 1.5
-        slices = np.moveaxis(x.numpy(), dim, -1).reshape(-1, shape[dim])
-        if all(np.abs(row - _threshold(row)).min() > 1e-3 for row in slices):
-            return x
-    raise AssertionError("no input without near-ties")
-
-
-@pytest.mark.parametrize("shape, dim", [((3, 7), -1), ((5, 4), 0), ((2, 6, 3), 1)])
-def test_sparsemax_passes_gradcheck(shape, dim):
-    x = _without_ties(shape, dim, seed=10).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: sparsemax(t, dim), (x,), eps=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sparsemax_gradient_is_the_analytic_jacobian(dtype):
-    """∂w/∂a = diag(s) − s sᵀ/|S| (s: the support indicator), applied to a random upstream gradient."""
-    a = _without_ties((4, 9), -1, seed=20)
-    g = torch.randn(4, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    x = a.clone().to(dtype).requires_grad_(True)
-    (sparsemax(x) * g.to(dtype)).sum().backward()
-    assert x.grad.dtype == dtype
-    for row, grad, upstream in zip(a.numpy(), x.grad.double().numpy(), g.numpy()):
-        s = (simplex_projection(row) > 0).astype(np.float64)
-        jacobian = np.diag(s) - np.outer(s, s) / s.sum()
-        np.testing.assert_allclose(grad, jacobian.T @ upstream, atol=1e-12 if dtype == torch.float64 else 1e-6)
-        assert (grad[s == 0] == 0).all()  # no gradient reaches the entries outside the support
-
-
-def test_sparsemax_is_stable_for_huge_inputs():
-    gen = torch.Generator().manual_seed(5)
-    a = torch.randn(3, 40, generator=gen, dtype=torch.float64)
-    expected = np.stack([simplex_projection(r) for r in a.numpy()])
-    # float64: a shift of 1e4 changes nothing (τ shifts with it)
-    np.testing.assert_allclose(sparsemax(a + 1e4).numpy(), expected, atol=1e-9)
-    # float32: multiples of 2⁻⁸ + 1e4 are exact in float32, so the float32 result must match the float64 one
-    q = torch.round(a * 256) / 256
-    got = sparsemax((q + 1e4).float())
-    assert got.dtype == torch.float32
-    np.testing.assert_allclose(got.numpy(), np.stack([simplex_projection(r) for r in q.numpy()]), atol=1e-6)
-    # 1e30: ties share the mass, entries 2e30 below get none, and nothing overflows
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
-        x = torch.tensor([[1e30, 1e30, 0.0, -1e30], [1e30, 1e30, 1e30, 1e30], [-1e30, 1e30, 0.0, 5.0]], dtype=dtype)
-        out = sparsemax(x)
-        assert out.dtype == dtype and torch.isfinite(out).all()
-        torch.testing.assert_close(out.double(), torch.tensor([[0.5, 0.5, 0, 0], [0.25] * 4, [0, 1.0, 0, 0]],
-                                                              dtype=torch.float64), atol=0, rtol=0)
-        spread = torch.randn(5, 30, generator=gen).to(dtype) * 1e30
-        out = sparsemax(spread)
-        assert torch.isfinite(out).all()
-        assert torch.equal(out.double(), F.one_hot(spread.double().argmax(1), 30).double())
-
-
-@pytest.mark.parametrize("dtype, atol", [(torch.float16, 1e-3), (torch.bfloat16, 4e-3)])
-def test_sparsemax_in_half_precision_matches_float64(dtype, atol):
-    gen = torch.Generator().manual_seed(7)
-    x = (torch.randn(6, 64, generator=gen) * torch.tensor([[0.02], [0.3], [1.0], [2.0], [5.0], [30.0]])).to(dtype)
-    out = sparsemax(x)
-    assert out.dtype == dtype and torch.isfinite(out).all() and (out >= 0).all()
-    for row, got in zip(x.double().numpy(), out.double().numpy()):  # the reference on the rounded input
-        expected = simplex_projection(row)
-        np.testing.assert_allclose(got, expected, atol=atol)
-        assert got.sum() == pytest.approx(1.0, abs=atol * 8)
-        assert np.array_equal(got[expected > 2 * atol] > 0, np.ones(int((expected > 2 * atol).sum()), bool))
-        assert (got[expected == 0] == 0).all()  # exact zeros survive the cast
-    # values near the float16 maximum: k · z would overflow in float16 without the shift and the float32 compute
-    big = torch.tensor([[65504.0, 65504.0, 65472.0, -65504.0], [60000.0, 59999.0, 1.0, 0.0]], dtype=dtype)
-    out = sparsemax(big)
-    assert torch.isfinite(out).all()
-    expected = np.stack([simplex_projection(r) for r in big.double().numpy()])
-    np.testing.assert_allclose(out.double().numpy(), expected, atol=atol)
 
 
 # ---------------------------------------------------------------- 4. sparsity and the temperature
@@ -333,127 +163,6 @@ def test_zero_padding_sets_every_padded_score_to_zero(tok):
         np.testing.assert_allclose(code[k].numpy(), simplex_projection(pooled), atol=1e-6)
 
 
-# ---------------------------------------------------------------- 5. sparse codes in the store
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tok, tmp_path_factory) -> Path:
-    """A tiny FDT (T = 1, so the codes are sparse) with random weights, saved as a checkpoint folder."""
-    return tiny_encoder(tok, seed=4, temperature=1.0).save(tmp_path_factory.mktemp("fdt") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def manifest(pictures, tmp_path_factory) -> Path:
-    """12 items: 4 images alone, 4 texts alone, 4 images with a text."""
-    names = list(pictures)
-    rows = [{"id": f"img{i}", "image": pictures[names[i]]} for i in range(4)]
-    rows += [{"id": f"txt{i}", "text": t} for i, t in enumerate(["a red square", "a green circle", "blue",
-                                                                 "a yellow circle left of a red square"])]
-    rows += [{"id": f"both{i}", "image": pictures[names[4 + i]], "text": t}
-             for i, t in enumerate(["make it red", "make it a square", "what colour is it?", "bigger"])]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def stores(checkpoint, manifest, tmp_path_factory) -> dict[str, Path]:
-    """The manifest encoded with sparse codes in both fusion modes (2 parts of 7 and 5, batches of 4)."""
-    out = {}
-    for mode in ("score", "head"):
-        out[mode] = tmp_path_factory.mktemp(f"store-{mode}") / "store"
-        run_cli("encode", manifest, "--model", checkpoint, "--out", out[mode], "--sparse-codes", "--workers", "0",
-                "--device", "cpu", "--batch-size", "4", "--part-size", "7", "--fusion", mode)
-    return out
-
-
-def read_rows(store: Path) -> list[dict]:
-    import duckdb
-
-    result = duckdb.sql(f"select * from read_parquet('{store}/part-*.parquet') order by row").arrow()
-    table = result.read_all() if hasattr(result, "read_all") else result
-    return table.to_pylist()
-
-
-def _dense(ids: list[int] | None, weights: list[float] | None) -> np.ndarray:
-    code = np.zeros(CODEBOOK)
-    if ids is not None:
-        code[ids] = weights
-    return code
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
-
-
-def test_stored_codes_rebuild_the_stored_embeddings(stores, checkpoint, manifest):
-    rows = {mode: read_rows(store) for mode, store in stores.items()}
-    items = [json.loads(line) for line in manifest.read_text().splitlines()]
-    enc = load_encoder(checkpoint, device="cpu")
-    codebook = enc.model.space_dict.detach().double().numpy()
-    empty_code = enc.codes(texts=[""])[0].double().numpy()
-    for mode in ("score", "head"):
-        assert [r["id"] for r in rows[mode]] == [i["id"] for i in items]
-        assert [r["row"] for r in rows[mode]] == list(range(12))
-        for row, item in zip(rows[mode], items):
-            for side in ("image", "text"):
-                ids, weights = row[f"{side}_code_ids"], row[f"{side}_code_weights"]
-                if item.get(side) is None:
-                    assert ids is None and weights is None, (row["id"], side)
-                    continue
-                assert len(ids) == len(weights) >= 1 and len(set(ids)) == len(ids)
-                assert all(0 <= i < CODEBOOK for i in ids) and all(w > 0 for w in weights)
-                assert sum(weights) == pytest.approx(1.0, abs=1e-5)
-                # the stored code is the item's code, as `codes` computes it
-                code = (enc.codes(images=[item["image"]]) if side == "image" else enc.codes(texts=[item["text"]]))[0]
-                np.testing.assert_allclose(_dense(ids, weights), code.numpy(), atol=1e-6)
-        assert sum(r["image_code_ids"] is not None and r["text_code_ids"] is not None for r in rows[mode]) == 4
-        assert any(len(r["text_code_ids"] or []) < CODEBOOK // 2 for r in rows[mode])  # sparse at T = 1
-
-        # vectors_from_codes: the store's own embeddings, from the codes alone
-        enc.fusion_mode = mode
-        stored = np.array([r["embedding"] for r in rows[mode]], dtype=np.float64)
-        rebuilt = enc.vectors_from_codes(rows[mode])
-        assert rebuilt.shape == (12, 32)
-        np.testing.assert_allclose(rebuilt.numpy(), stored, atol=1e-5)
-
-    # score mode by hand from the codebook: f = Eᵀw; image alone n(n(f_I) + n(f_empty)); both n(n(f_I) + n(f_T))
-    for row in rows["score"]:
-        image = _dense(row["image_code_ids"], row["image_code_weights"]) @ codebook
-        text = _dense(row["text_code_ids"], row["text_code_weights"]) @ codebook
-        if row["image_code_ids"] is None:
-            expected = _unit(text)
-        else:
-            expected = _unit(_unit(image) + _unit(text if row["text_code_ids"] is not None else empty_code @ codebook))
-        np.testing.assert_allclose(row["embedding"], expected, atol=1e-5)
-    # the modes differ only on items with both an image and a text
-    for score_row, head_row in zip(rows["score"], rows["head"]):
-        both = score_row["image_code_ids"] is not None and score_row["text_code_ids"] is not None
-        close = np.allclose(score_row["embedding"], head_row["embedding"], atol=1e-6)
-        assert close != both, score_row["id"]
-        for column in CODE_COLUMNS:
-            assert score_row[column] == head_row[column]
-
-
-def test_code_columns_are_not_metadata(stores):
-    from retrieval.store import EmbeddingStore
-
-    store = EmbeddingStore(stores["score"])
-    assert store.manifest["extra_columns"] == list(CODE_COLUMNS)
-    columns = store.metadata().column_names
-    assert "id" in columns and not set(CODE_COLUMNS) & set(columns) and "embedding" not in columns
-    assert len(store.manifest["parts"]) == 2
-
-
-def test_sparse_codes_of_a_model_without_codes_are_refused(manifest, tmp_path, capsys):
-    code, stderr = cli_in_process(capsys, "encode", manifest, "--model", "test-tiny", "--out", tmp_path / "store",
-                                  "--sparse-codes", "--workers", "0", "--device", "cpu")
-    assert code == 2 and "Traceback" not in stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "test-tiny has no sparse codes" in lines[0], stderr
-    assert not (tmp_path / "store").exists()
-
-
 # ---------------------------------------------------------------- 8. activations and --explain
 
 
@@ -486,28 +195,6 @@ def test_image_activations_are_the_code_and_the_patch_scores(tok, pictures):
     assert labels == [] and patch_scores.shape == (GRID * GRID, CODEBOOK)
     np.testing.assert_allclose(code.numpy(), simplex_projection(patch_scores.amax(0).double().numpy()), atol=1e-6)
     torch.testing.assert_close(code, enc.codes(images=[pictures["red-square"]])[0], atol=1e-6, rtol=0)
-
-
-def test_explain_draws_the_strongest_tokens_of_each_hit(stores, tmp_path):
-    from retrieval.explain import CELL, LABEL, TOP_TOKENS
-    from retrieval.indexing import build_index_folder
-
-    index = tmp_path / "idx"
-    build_index_folder(stores["score"], index, device="cpu", progress=False)
-    out = tmp_path / "explain.png"
-    k = 4
-    proc = run_cli("search", "--index", index, "--text", "a red square", "-k", str(k), "--json", "--device", "cpu",
-                   "--explain", out)
-    hits = json.loads(proc.stdout)
-    assert len(hits) == k
-    with Image.open(out) as sheet:
-        assert sheet.format == "PNG"
-        assert sheet.size == (CELL * (TOP_TOKENS + 1), (CELL + 2 * LABEL) * k)
-        pixels = np.asarray(sheet.convert("RGB"))
-    for i, hit in enumerate(hits):  # an image hit: its picture, then the heatmap of its strongest token
-        top = i * (CELL + 2 * LABEL)
-        first_token = pixels[top:top + CELL, CELL:2 * CELL]
-        assert (first_token != 255).any() == bool(hit.get("image")), hit
 
 
 # ---------------------------------------------------------------- 7. training

@@ -78,8 +78,11 @@ def test_hostile_filter_is_refused_through_the_python_api(name, index, sandbox):
     assert "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("name", ["subquery file read", "glob", "COPY breakout", "ATTACH breakout",
-                                  "INSTALL breakout"])
+SLOW_BREAKOUTS = ("glob", "COPY breakout", "ATTACH breakout", "INSTALL breakout")  # all in the Python API test
+
+
+@pytest.mark.parametrize("name", ["subquery file read", *(pytest.param(n, marks=pytest.mark.slow)
+                                                          for n in SLOW_BREAKOUTS)])
 def test_hostile_filter_is_one_error_line_from_the_cli(name, sandbox):
     index, secret, out = sandbox
     proc = run_cli("search", "--index", index, "--text", "a red circle", "--where",

@@ -435,6 +435,7 @@ def test_titok_decoder_keys_are_dropped(official, tmp_path):
 # ---------------------------------------------------------------- 10. the command line
 
 
+@pytest.mark.slow
 def test_cli_models_import(official, tmp_path):
     out = tmp_path / "cli-import"
     proc = run_cli("models", "import", "fuselip", official["folder"], "--out", out, "--tokenizer", official["folder"])

@@ -67,6 +67,7 @@ def rotations(shapes, tmp_path_factory) -> tuple[Path, list[dict]]:
     return out / "idx", asked
 
 
+@pytest.mark.slow
 def test_search_answers_the_rotation_more_often_than_the_source(shapes, rotations):
     """"rotate 90 degrees clockwise" with a scene's image returns its rotation at rank 1 for most scenes. A model
     that ignored the instruction would return the source itself, the nearest image to its own query."""
@@ -82,6 +83,7 @@ def test_search_answers_the_rotation_more_often_than_the_source(shapes, rotation
 @pytest.mark.xfail(strict=True, reason="fuselip-tiny (27 min on 2 cores) ranks scene 180's unrotated source first: "
                    "its rotation is at rank 1 for 14 of 19 test scenes (the test above), not for all; over 100 "
                    "test scenes the query is nearer the rotation than the source in 72 % (issue 4)")
+@pytest.mark.slow
 def test_search_finds_the_rotated_image(shapes, rotations):
     """In the same index, each of the first five scenes + "rotate 90 degrees clockwise" finds its own rotation at
     rank 1 through the CLI (not itself, not another rotation)."""
@@ -93,6 +95,7 @@ def test_search_finds_the_rotated_image(shapes, rotations):
 @pytest.mark.xfail(strict=True, reason="fuselip-tiny confuses 90° clockwise with counter-clockwise (tgit rotate "
                    "top-1 0.52; clockwise nearer than counter-clockwise in 84 % of 100 test scenes; "
                    "issue 4)")
+@pytest.mark.slow
 def test_search_tells_the_rotation_apart(shapes, tmp_path):
     """The harder TGIT form: all 18 rotations (10°–90°, both ways) of five test images in one index."""
     rows = []
@@ -110,6 +113,7 @@ def test_search_tells_the_rotation_apart(shapes, tmp_path):
         assert _search_top(tmp_path / "idx", shapes / r["image"], "rotate 90 degrees clockwise") == f"{r['id']}-90-cw"
 
 
+@pytest.mark.slow
 def test_eval_is_far_above_chance(shapes, tmp_path):
     """tgit, vqa and t2i beat chance by more than 3 binomial standard errors of a chance-level model: a broken
     preprocessing or loading path falls to chance. (`pos` has 12 queries here, too few to tell its weaker signal

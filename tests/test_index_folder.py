@@ -154,7 +154,8 @@ def test_a_damaged_index_folder_is_one_clear_error(how, flat_folder, tmp_path):
     assert "\n" not in message and ("rebuild the index" in message or "not an index manifest" in message), message
 
 
-@pytest.mark.parametrize("how", ["truncated index file", "index.json not JSON", "search params it does not take"])
+@pytest.mark.parametrize("how", ["truncated index file", pytest.param("index.json not JSON", marks=pytest.mark.slow),
+                                 pytest.param("search params it does not take", marks=pytest.mark.slow)])
 def test_a_damaged_index_folder_is_one_error_line_from_the_cli(how, flat_folder, tmp_path):
     folder = tmp_path / "index"
     shutil.copytree(flat_folder, folder)

@@ -213,7 +213,7 @@ def _build(corpus_vectors, key, **kwargs):
     ("HNSW32", "efSearch=", 0.95),
     ("IVF64,Flat", "nprobe=", 0.95),
     ("IVF64,SQ8", "nprobe=", 0.95),
-    ("IVF64,PQ16x4fs,Refine(SQ8)", "k_factor_rf=8,nprobe=", 0.9),
+    pytest.param("IVF64,PQ16x4fs,Refine(SQ8)", "k_factor_rf=8,nprobe=", 0.9, marks=pytest.mark.slow),
 ])
 def test_build_index_returns_ids_and_reaches_recall(corpus_vectors, key, knob, target):
     ids, vectors, queries = corpus_vectors

@@ -56,6 +56,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 ENCODE = ("--model", "test-tiny", "--workers", "0", "--part-size", "80", "--batch-size", "40")
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_encode_keeps_the_committed_parts(corpus, tmp_path):
     out = tmp_path / "store"
     line = one_error_line(run_limited(60_000, "encode", corpus, "--out", out, *ENCODE))
@@ -71,6 +72,7 @@ def test_a_full_disk_during_encode_keeps_the_committed_parts(corpus, tmp_path):
     assert ids == [f"t{i}" for i in range(N)]
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_index_build_keeps_the_committed_index(corpus, tmp_path):
     store, folder = tmp_path / "store", tmp_path / "index"
     run_cli("encode", corpus, "--out", store, *ENCODE)
@@ -86,6 +88,7 @@ def test_a_full_disk_during_index_build_keeps_the_committed_index(corpus, tmp_pa
 
 
 @needs_strace
+@pytest.mark.slow
 def test_a_second_encode_into_the_same_folder_is_refused(corpus, tmp_path):
     """The same command twice: the first is held (strace delays one of its fsyncs) once its manifest exists, so
     the second surely meets it at work; the second is refused, and the first then finishes unharmed."""
@@ -131,6 +134,7 @@ def test_nonsense_options_are_one_error_line(args, fragment, corpus, tmp_path):
 
 
 @needs_strace
+@pytest.mark.slow
 def test_a_run_killed_at_its_first_commit_is_taken_up_by_the_rerun(corpus, tmp_path):
     """Killed at the rename of its first manifest, the folder holds only a temporary file and the lock; the
     rerun starts over by itself instead of refusing a folder that is 'not an embedding store'."""
@@ -143,6 +147,7 @@ def test_a_run_killed_at_its_first_commit_is_taken_up_by_the_rerun(corpus, tmp_p
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_a_killed_first_index_build_is_taken_up_by_the_rerun(corpus, tmp_path):
     """What a killed first build of an index from a corpus leaves (its store, an uncommitted index file) is the
     rerun's to finish, not an 'existing folder' to refuse."""

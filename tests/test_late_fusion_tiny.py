@@ -37,6 +37,7 @@ def test_bundled_checkpoint_is_complete_and_small(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
 def test_eval_is_far_above_chance_in_both_fusion_modes(name, shapes, tmp_path):
     """tgit, vqa and t2i beat chance by more than 3 binomial standard errors of a chance-level model in each
     fusion mode: a broken preprocessing, loading or fusion path falls to chance."""

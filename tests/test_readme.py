@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import pytest
 import torch
 from PIL import Image
 
@@ -176,6 +177,7 @@ def run_command(line: str, cwd: Path, env: dict[str, str], fired: set[int]) -> s
     return subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_every_readme_command_runs_top_to_bottom(tmp_path):
     text = README.read_text(encoding="utf-8")
     work = tmp_path / "work"

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from evaluation.data import make_data
 from evaluation.results import PUBLISHED, write_results
 
 
+@pytest.mark.slow
 def test_results_page_has_every_model_task_bench_and_published_numbers(tmp_path):
     data = [make_data("shapesworld", tmp_path / "shapes", n=120, train_pairs=False, progress=False).parent,
             make_data("digits", tmp_path / "digits", n=100, train_pairs=False, progress=False).parent]

@@ -170,7 +170,8 @@ def test_index_json_records_what_search_needs(kind, built, shapes_store, encoder
 # ---------------------------------------------------------------------------------------------- self-retrieval
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", [kind if kind == "store-auto" else pytest.param(kind, marks=pytest.mark.slow)
+                                  for kind in KINDS])  # one CLI search per index kind: the fast lane keeps one
 def test_cli_self_retrieval(kind, built, unique_items, records):
     index, _ = built(kind)
     for item in (pick(unique_items, "train", 3), pick(unique_items, "test", 1)):
@@ -237,6 +238,7 @@ def test_moved_index_folder_still_opens(built, unique_items, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["store-auto", "store-hnsw"])
+@pytest.mark.slow
 def test_cli_where_filters(kind, built, unique_items, records):
     index, _ = built(kind)
     item = pick(unique_items, "test", 2)
@@ -338,6 +340,7 @@ def corrupt_image(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", ["no-query", "blank-text", "k0", "k-1", "missing-image", "corrupt-image",
                                   "bad-sql", "unknown-column", "no-index"])
+@pytest.mark.slow
 def test_cli_refusals(case, built, corrupt_image, tmp_path):
     index, _ = built("store-auto")
     args, fragments = {
@@ -396,6 +399,7 @@ def test_search_refuses_a_store_encoded_again(copied_store_index, shapes_corpus,
         retrieval.open_index(index, device="cpu")
 
 
+@pytest.mark.slow
 def test_search_refuses_changed_checkpoint_weights(shapes_corpus, unique_items, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file

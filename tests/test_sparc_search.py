@@ -97,6 +97,7 @@ def test_explain_draws_each_word_over_each_hit(index, checkpoint, tmp_path):
     (("--text", "a red circle", "--fusion", "sum"), "fusion mode must be one of score, head"),
     (("--text", "a red circle", "--rerank", "-1"), "--rerank must be ≥ 0"),
 ])
+@pytest.mark.slow
 def test_bad_search_options_get_one_clear_line(index, gallery, tmp_path, args, message):
     image = json.loads(gallery.read_text().splitlines()[0])["image"]
     args = [a.format(image=image, out=tmp_path / "x.png") for a in args]
@@ -105,6 +106,7 @@ def test_bad_search_options_get_one_clear_line(index, gallery, tmp_path, args, m
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_a_store_of_composed_items_keeps_its_fusion_mode(shapes_corpus, checkpoint, tmp_path):
     """Items with an image and a text are embedded by the fusion mode: searching them with the other mode is
     refused; the mode recorded at build time is the default."""
@@ -124,6 +126,7 @@ def test_early_fusion_models_have_no_fusion_option(gallery, tmp_path):
     assert not (tmp_path / "idx" / "index.json").exists()
 
 
+@pytest.mark.slow
 def test_eval_adds_a_rerank_row_for_text_to_image_tasks(checkpoint, tmp_path):
     data = make_data("digits", tmp_path / "digits", n=120, train_pairs=False, progress=False).parent
     report = run_eval("t2i,zeroshot", str(checkpoint), data=[data], device="cpu", progress=False, rerank=10)

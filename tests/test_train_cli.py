@@ -15,6 +15,7 @@ from retrieval.encoders.registry import get_config, load_encoder
 from retrieval.training.tokenizers import load_tokenizers
 
 
+@pytest.mark.slow
 def test_train_tokenizer_then_model_then_resume(tmp_path):
     data = tmp_path / "shapes"
     make_shapesworld(data, n=30, size=64, seed=1, train_pairs=True, progress=False)
@@ -45,6 +46,7 @@ def test_train_tokenizer_then_model_then_resume(tmp_path):
     assert bad.returncode == 2 and "nosuch" in bad.stderr
 
 
+@pytest.mark.slow
 def test_bench_train_times_three_ways_on_equal_losses(tmp_path):
     """`bench train`: length groups and one padded batch give the same float32 loss on every batch (padding is
     masked), bf16 the same up to its rounding; the report's ratios are the ratios of its timings; a model of
