@@ -14,6 +14,7 @@ import torch
 from conftest import run_cli
 from PIL import Image
 from test_fdt import CODEBOOK, CTX, TOKENIZERS, cli_in_process, simplex_projection, tiny_encoder
+from test_fuselip import _gelu, _ln
 from test_fuselip_import import write_clip_bpe
 
 from retrieval.encoders.fdt.model import FDT
@@ -159,16 +160,6 @@ def test_import_save_load_round_trip(official, tmp_path):
     assert torch.equal(enc.codes(texts=texts), again.codes(texts=texts))
 
 
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + 1e-5) * weight + bias
-
-
-def _exact_gelu(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
-
-
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
@@ -177,7 +168,7 @@ def _block_by_hand(x: torch.Tensor, sd: dict[str, torch.Tensor], prefix: str, he
                    act) -> torch.Tensor:
     """One CLIP residual block on x [L, W]: x + attn(ln_1(x)), then x + c_proj(act(c_fc(ln_2(x))))."""
     length, width = x.shape
-    h = _layer_norm(x, sd[prefix + "ln_1.weight"], sd[prefix + "ln_1.bias"])
+    h = _ln(x, sd[prefix + "ln_1.weight"], sd[prefix + "ln_1.bias"])
     q, k, v = (h @ sd[prefix + "attn.in_proj_weight"].T + sd[prefix + "attn.in_proj_bias"]).split(width, -1)
     size = width // heads
     out = torch.zeros_like(x)
@@ -188,7 +179,7 @@ def _block_by_hand(x: torch.Tensor, sd: dict[str, torch.Tensor], prefix: str, he
             logits = logits.masked_fill(torch.ones(length, length).triu(1).bool(), float("-inf"))
         out[:, cols] = logits.softmax(-1) @ v[:, cols]
     x = x + out @ sd[prefix + "attn.out_proj.weight"].T + sd[prefix + "attn.out_proj.bias"]
-    h = _layer_norm(x, sd[prefix + "ln_2.weight"], sd[prefix + "ln_2.bias"])
+    h = _ln(x, sd[prefix + "ln_2.weight"], sd[prefix + "ln_2.bias"])
     h = act(h @ sd[prefix + "mlp.c_fc.weight"].T + sd[prefix + "mlp.c_fc.bias"])
     return x + h @ sd[prefix + "mlp.c_proj.weight"].T + sd[prefix + "mlp.c_proj.bias"]
 
@@ -197,9 +188,9 @@ def _fdt_by_hand(features: torch.Tensor, sd: dict[str, torch.Tensor], side: str,
                  temperature: float) -> tuple[np.ndarray, np.ndarray]:
     """q_map → codebook / √d → padded scores set to 0 → / T → max over positions → sparsemax; (Eᵀw, w)."""
     q = f"{side}_query_model.q_map."
-    x = _layer_norm(features, sd[q + "0.weight"], sd[q + "0.bias"])
-    x = _exact_gelu(x @ sd[q + "1.weight"].T + sd[q + "1.bias"])  # the query map's GELU is nn.GELU
-    x = _layer_norm(x, sd[q + "3.weight"], sd[q + "3.bias"])
+    x = _ln(features, sd[q + "0.weight"], sd[q + "0.bias"])
+    x = _gelu(x @ sd[q + "1.weight"].T + sd[q + "1.bias"])  # the query map's GELU is nn.GELU
+    x = _ln(x, sd[q + "3.weight"], sd[q + "3.bias"])
     x = x @ sd[q + "4.weight"].T + sd[q + "4.bias"]
     scores = x @ sd["space_dict"].T / math.sqrt(sd["space_dict"].shape[1])
     if real is not None:
@@ -212,7 +203,7 @@ def official_text_by_hand(sd: dict[str, torch.Tensor], ids: list[int], temperatu
     x = sd["encode_text.token_embedding.weight"][ids] + sd["encode_text.positional_embedding"][: len(ids)]
     for i in range(T_LAYERS):
         x = _block_by_hand(x, sd, f"encode_text.transformer.resblocks.{i}.", T_W // 64, True, act)
-    x = _layer_norm(x, sd["encode_text.ln_final.weight"], sd["encode_text.ln_final.bias"])
+    x = _ln(x, sd["encode_text.ln_final.weight"], sd["encode_text.ln_final.bias"])
     first_eot = ids.index(EOT)
     real = torch.tensor([j <= first_eot for j in range(len(ids))])
     return _fdt_by_hand(x, sd, "txt", real, temperature)
@@ -225,7 +216,7 @@ def official_image_by_hand(sd: dict[str, torch.Tensor], pixels: torch.Tensor, te
     patches = pixels.reshape(3, grid, PATCH, grid, PATCH).permute(1, 3, 0, 2, 4).reshape(grid * grid, -1)
     x = patches @ sd["visual.conv1.weight"].reshape(V_W, -1).T
     x = torch.cat([sd["visual.class_embedding"][None], x]) + sd["visual.positional_embedding"]
-    x = _layer_norm(x, sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
+    x = _ln(x, sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
     for i in range(V_LAYERS):
         x = _block_by_hand(x, sd, f"visual.transformer.resblocks.{i}.", V_W // 64, False, act)
     return _fdt_by_hand(x[1:], sd, "img", None, temperature)
@@ -262,7 +253,7 @@ def test_imported_model_computes_the_official_forward(official):
 def test_the_exact_gelu_would_not_match_the_official_forward(official):
     """The activation matters: with exact-GELU blocks the hand computation no longer matches the import."""
     with pytest.raises(AssertionError):
-        _compare_with_official_forward(official, _exact_gelu)
+        _compare_with_official_forward(official, _gelu)
 
 
 def _broken(state: dict[str, torch.Tensor], case: str) -> dict[str, torch.Tensor]:
