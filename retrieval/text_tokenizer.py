@@ -2,10 +2,13 @@
 
 Both are one `tokenizers.Tokenizer` saved as `tokenizer.json` beside a checkpoint. The special ids
 (start, end, pad, mask) are data in the model config, so the same class serves both vocabularies.
+Every text is first cleaned as the official CLIP tokenizers clean it (`clean_text`); the CLIP BPE then
+splits words and reads literal special tokens exactly as the official tokenizer of its model does.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from collections.abc import Iterable
@@ -39,6 +42,20 @@ class SpecialIds:
 OWN_IDS = SpecialIds(sot=1, eot=2, pad=0, mask=3)
 # OpenAI CLIP: <|startoftext|> 49406, <|endoftext|> 49407, pad 0 (also the BPE piece "!"), [MASK] appended
 CLIP_IDS = SpecialIds(sot=49406, eot=49407, pad=0, mask=49408)
+# the official word split (before byte-level BPE); literal special tokens are matched before it
+CLIP_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# how open_clip's tokenizer (FuseLIP) names the start and end tokens it reads as special inside a text;
+# FDT's, OpenAI's, reads <|startoftext|> and <|endoftext|>; neither reads its mask token
+OPEN_CLIP_SPECIALS = {"<|startoftext|>": "<start_of_text>", "<|endoftext|>": "<end_of_text>"}
+
+
+def clean_text(text: str) -> str:
+    """What the official CLIP tokenizers do before BPE: ftfy, HTML entities unescaped twice, whitespace
+    collapsed, lower case."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
 
 
 class TextTokenizer:
@@ -47,13 +64,11 @@ class TextTokenizer:
     def __init__(self, backend, ids: SpecialIds):
         self.backend = backend
         self.ids = ids
-
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        # the largest id + 1: an added token may name an id of the BPE vocabulary under another string
+        self.vocab_size = 1 + max(backend.get_vocab(with_added_tokens=True).values())
 
     def pieces(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(clean_text(text), add_special_tokens=False).ids
 
     def row(self, text: str, length: int) -> list[int]:
         ids = [self.ids.sot, *self.pieces(text)[: length - 2], self.ids.eot]
@@ -78,8 +93,10 @@ class TextTokenizer:
     def from_clip_files(cls, folder: str | os.PathLike, mask: bool = True, mask_before: bool = False
                         ) -> TextTokenizer:
         """The OpenAI CLIP BPE from a folder with vocab.json and merges.txt, plus a mask token if `mask`: [MASK]
-        appended (id 49408, FuseLIP), or with `mask_before` <|mask|> put before SOT and EOT, which move up one
-        (mask 49406, SOT 49407, EOT 49408: FDT's vocabulary)."""
+        appended (id 49408, FuseLIP, which reads text as open_clip does), or with `mask_before` <|mask|> put
+        before SOT and EOT, which move up one (mask 49406, SOT 49407, EOT 49408: FDT's vocabulary). A mask token
+        in a text is plain text, as it is to both official tokenizers."""
+        from tokenizers import Regex, Tokenizer, pre_tokenizers
         from transformers import CLIPTokenizer
 
         folder = Path(folder)
@@ -95,16 +112,27 @@ class TextTokenizer:
             vocab[token] = vocab["<|startoftext|>"]
             vocab["<|startoftext|>"] += 1
             vocab["<|endoftext|>"] += 1
+        elif mask and token not in vocab:
+            vocab[token] = len(vocab)
         backend = CLIPTokenizer(vocab=vocab, merges=merges).backend_tokenizer
-        if mask and backend.token_to_id(token) is None:
-            backend.add_special_tokens([token])
-        size = backend.get_vocab_size(with_added_tokens=True)
+        size = 1 + max(backend.get_vocab(with_added_tokens=True).values())
         ids = SpecialIds(sot=backend.token_to_id("<|startoftext|>"), eot=backend.token_to_id("<|endoftext|>"),
                          pad=0, mask=backend.token_to_id(token) if mask else None)
         expected = ((size - 2, size - 1, size - 3) if mask and mask_before
                     else (size - 2 - mask, size - 1 - mask, size - 1 if mask else None))
         if (ids.sot, ids.eot, ids.mask) != expected:
             raise RetrievalError(f"{folder}: CLIP special ids are not the last of the vocabulary: {ids}")
+        data = json.loads(backend.to_str())
+        if not mask_before:  # open_clip's names for the same ids
+            for old, new in OPEN_CLIP_SPECIALS.items():
+                data["model"]["vocab"][new] = data["model"]["vocab"].pop(old)
+            for added in data["added_tokens"]:
+                added["content"] = OPEN_CLIP_SPECIALS.get(added["content"], added["content"])
+        backend = Tokenizer.from_str(json.dumps(data))
+        backend.normalizer = None  # clean_text does it, as the official code does, before the word split
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_WORDS), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         return cls(backend, ids)
 
 
