@@ -112,18 +112,29 @@ def _grey_to_rgb(values: np.ndarray, full_scale: float | None = None) -> Image.I
     return Image.fromarray(values.astype(np.uint8)).convert("RGB")
 
 
-def image_to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """Resize the shorter side to `size`, centre-crop to size×size, scale to [0,1], normalise: float32 CHW."""
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def image_to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                   resize: int | None = None, interpolation: str = "bicubic") -> np.ndarray:
+    """Resize the shorter side to `size`, centre-crop to size×size, scale to [0,1], normalise: float32 CHW.
+    With `resize`, as torchvision's Resize(resize) + CenterCrop(size) do it (the long side truncated, the crop
+    offset rounded), for models evaluated that way (FDT: 256, bilinear)."""
     w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    left, top = (new_w - size) // 2, (new_h - size) // 2
+    if resize is None:
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    else:
+        new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+        left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
+    method = INTERPOLATIONS[interpolation]
     if max(new_w, new_h) <= MAX_ASPECT * size:
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
+        img = img.resize((new_w, new_h), method).crop((left, top, left + size, top + size))
     else:  # a sliver (1 × 2,000,000 px) would resize to gigabytes: resize just the crop's source box
         sx, sy = w / new_w, h / new_h
         box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-        img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        img = img.resize((size, size), method, box=box)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -271,6 +271,24 @@ def _broken(state: dict[str, torch.Tensor], case: str) -> dict[str, torch.Tensor
     return state
 
 
+# (75, 73): a crop offset of 5.5, rounded to 6; past 16:1 only the crop's box is resized, so (500, 37) stays below
+@pytest.mark.parametrize("size", [(367, 256), (200, 301), (75, 73), (146, 150), (500, 37)])
+def test_imported_fdt_prepares_images_as_the_official_evaluation(official, size):
+    """torchvision's Resize(256) + CenterCrop(224), scaled to the model's size: the shorter side resized
+    bilinearly, the longer one truncated, the crop offset rounded half to even; then ImageNet mean/std."""
+    enc = load_encoder(official["out"], device="cpu")
+    resize = IMAGE * 256 // 224
+    assert (enc.config.resize, enc.config.interpolation) == (resize, "bilinear")
+    image = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), np.uint8))
+    w, h = size
+    new = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    left, top = round((new[0] - IMAGE) / 2), round((new[1] - IMAGE) / 2)
+    crop = image.resize(new, Image.Resampling.BILINEAR).crop((left, top, left + IMAGE, top + IMAGE))
+    expected = (np.asarray(crop, np.float32) / 255 - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225)
+    pixels = enc.prepare(image, None)["pixels"].numpy()
+    assert np.allclose(pixels, expected.transpose(2, 0, 1), atol=1e-6)
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing_untrained", "missing keys: visual.proj"),
     ("missing_block_key", "missing keys: encode_text.transformer.resblocks.1.mlp.c_proj.bias"),

@@ -409,6 +409,23 @@ def test_unknown_codebook_is_refused(official, tmp_path):
         _import_modified(official, tmp_path, other_codebook)
 
 
+def test_a_config_with_an_end_of_image_token_is_refused_by_name(official, tmp_path):
+    """use_eoi: true makes the official encoder insert an end-of-image id after the image ids, which the import
+    does not reproduce: refused, naming the setting, rather than embedded differently."""
+    from retrieval.encoders.fuselip.official import import_fuselip
+
+    folder = tmp_path / "eoi"
+    folder.mkdir()
+    state = dict(official["state"])
+    rows = state["token_embedding.weight"]
+    state["token_embedding.weight"] = torch.cat([rows, rows[:1]])  # the one extra id
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(official_config_json() | {"use_eoi": True}))
+    with pytest.raises(RetrievalError, match="use_eoi: true") as refused:
+        import_fuselip(folder, tmp_path / "out", tokenizer=official["folder"])
+    assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
+
+
 def test_module_prefix_is_stripped(official, tmp_path):
     path = _import_modified(official, tmp_path, lambda s: s.update({"module." + k: s.pop(k) for k in list(s)}))
     assert (path / "model.safetensors").is_file()

@@ -17,7 +17,7 @@ from PIL import Image
 from retrieval.devices import autocast_for
 from retrieval.errors import RetrievalError
 from retrieval.files import atomic_path, has_type, write_json
-from retrieval.images import as_rgb, load_image
+from retrieval.images import INTERPOLATIONS, as_rgb, load_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -34,6 +34,8 @@ class EncoderConfig:
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     context_length: int = 77
+    resize: int | None = None  # shorter side before the centre crop, torchvision-style (default: image_size)
+    interpolation: str = "bicubic"  # or bilinear
     model: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     checkpoint: str | None = None
@@ -50,6 +52,11 @@ class EncoderConfig:
         if not (has_type(data.get("name"), str) and has_type(data.get("family"), str)
                 and has_type(data.get("dim"), int) and data["dim"] > 0):
             raise RetrievalError("an encoder config needs a name and a family (strings) and a dim (a positive integer)")
+        if data.get("interpolation", "bicubic") not in INTERPOLATIONS:
+            raise RetrievalError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
+        resize = data.get("resize")
+        if resize is not None and not (has_type(resize, int) and resize >= data.get("image_size", 224)):
+            raise RetrievalError("resize must be an integer no smaller than image_size")
         data = dict(data)
         for key in ("mean", "std"):
             if key in data:

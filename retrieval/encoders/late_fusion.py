@@ -222,7 +222,8 @@ class LateFusionEncoder(Encoder):
 
     def prepare(self, image: Image.Image | None, text: str | None) -> dict[str, torch.Tensor]:
         size = self.config.image_size
-        pixels = (torch.from_numpy(image_to_array(image, size, self.config.mean, self.config.std))
+        pixels = (torch.from_numpy(image_to_array(image, size, self.config.mean, self.config.std, self.config.resize,
+                                                  self.config.interpolation))
                   if image is not None else torch.zeros(3, size, size))
         return {"pixels": pixels, "has_image": torch.tensor(image is not None),
                 "text": torch.tensor(self.tokenizer.row(text or "", self.config.context_length)),

@@ -54,8 +54,10 @@ def official_config(state: dict[str, torch.Tensor], temperature: float, name: st
              "text_layers": count_blocks(state, r"encode_text\.transformer\.resblocks\.(\d+)\."),
              "special_ids": ids.to_dict(), "pad_mask": "zero", "text_causal": True, "quick_gelu": True,
              "fusion_head": None}
+    # the official evaluation: shorter side to 256 (bilinear), centre crop of 224 (scaled for other sizes)
     return EncoderConfig(name=name or "fdt-imported", family="fdt", dim=dim, image_size=grid * patch,
-                         mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                         resize=grid * patch * 256 // 224, interpolation="bilinear", mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD,
                          context_length=shape_of(state, "encode_text.positional_embedding")[0], model=model,
                          description=f"official FDT ({codebook} tokens, T = {temperature:g}), imported")
 

@@ -51,7 +51,10 @@ def read_official(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 def official_config(config: dict[str, Any], state: dict[str, torch.Tensor], name: str | None = None) -> EncoderConfig:
     """Our config for an official checkpoint: widths and depths from the shapes, heads from config.json."""
     mlm = float(config.get("mlm_probability", 0)) > 0
-    use_eoi = int(bool(config.get("use_eoi", False)))
+    if config.get("use_eoi", False):
+        raise RetrievalError("config.json has use_eoi: true (an end-of-image id after the image ids), which no "
+                             "released FuseLIP model uses and this importer does not insert: refused rather than "
+                             "embedded unlike the official code")
     text_vocab = CLIP_BPE_SIZE + mlm
     codebook, code_dim = shape_of(state, TITOK_PREFIX + "quantize.embedding.weight")
     variant = VARIANT_BY_CODEBOOK.get((codebook, code_dim))
@@ -62,9 +65,8 @@ def official_config(config: dict[str, Any], state: dict[str, torch.Tensor], name
     if declared and variant.replace("-", "") not in declared.replace("_", "").replace("-", ""):
         raise RetrievalError(f"config.json names image tokenizer {declared!r} but the codebook is {variant}'s")
     vocab, width = shape_of(state, "token_embedding.weight")
-    if vocab != text_vocab + codebook + use_eoi:
-        raise RetrievalError(f"token_embedding has {vocab} rows; expected {text_vocab} text + {codebook} image "
-                             f"+ {use_eoi} end-of-image ids")
+    if vocab != text_vocab + codebook:
+        raise RetrievalError(f"token_embedding has {vocab} rows; expected {text_vocab} text + {codebook} image ids")
     text = config.get("text_config", {})
     heads = text.get("heads") or {384: 6, 512: 8}.get(width)
     if not heads:
@@ -82,7 +84,7 @@ def official_config(config: dict[str, Any], state: dict[str, torch.Tensor], name
     ids = SpecialIds(sot=CLIP_IDS.sot, eot=CLIP_IDS.eot, pad=CLIP_IDS.pad, mask=CLIP_IDS.mask if mlm else None)
     model = {"width": width, "heads": int(heads), "layers": count_blocks(state, r"transformer\.resblocks\.(\d+)\."),
              "mlp_ratio": float(text.get("mlp_ratio", 4.0)), "text_vocab": text_vocab,
-             "image_offset": text_vocab + use_eoi, "special_ids": ids.to_dict(), "image_tokenizer": titok.to_dict(),
+             "image_offset": text_vocab, "special_ids": ids.to_dict(), "image_tokenizer": titok.to_dict(),
              "mask_head": TIED_DECODER in state}
     return EncoderConfig(name=name or SIZE_NAMES.get(width, "fuselip-imported"), family="fuselip", dim=width,
                          image_size=titok.image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
