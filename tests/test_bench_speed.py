@@ -174,3 +174,17 @@ def test_query_bench_missing_index(tmp_path):
 def test_query_bench_bad_arguments(kwargs, index_dir):
     with pytest.raises(RetrievalError):
         bench_query(index_dir, **({"n": 2, "progress": False} | kwargs))
+
+
+def test_random_init_is_the_seeded_initial_model_with_a_stand_in_tokenizer(tmp_path):
+    """`bench encode --random-init`: a full-size model is timed without its weights; the folder holds exactly the
+    registered config's seeded initial weights, under the model's own special ids, and embeds."""
+    from evaluation.bench.encode import random_init_checkpoint
+    from retrieval.encoders.registry import get_config, initial_model, load_encoder
+
+    assert random_init_checkpoint("test-tiny", tmp_path / "unused") == "test-tiny"  # runs without a checkpoint
+    encoder = load_encoder(random_init_checkpoint("sparc-tiny", tmp_path / "sparc"), device="cpu")
+    initial = initial_model(get_config("sparc-tiny")).state_dict()
+    assert all(torch.equal(value, initial[key]) for key, value in encoder.model.state_dict().items())
+    assert encoder.tokenizer.ids == encoder.model.config.special_ids
+    assert encoder.encode(texts=["a red circle"]).shape == (1, encoder.dim)

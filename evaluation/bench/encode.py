@@ -76,11 +76,31 @@ def _write_warmup_corpus(corpus: Path, count: int) -> Path:
     return path
 
 
+def random_init_checkpoint(name: str, out: Path) -> str:
+    """Registered model `name` with its seeded initial weights and a stand-in text tokenizer (the bundled BPE
+    under the model's special ids), saved as a checkpoint folder: to time a full-size model whose weights are not
+    here. A model that runs without a checkpoint is returned by name."""
+    from dataclasses import replace
+
+    from retrieval.encoders.registry import family_class, get_config, initial_model
+    from retrieval.text_tokenizer import OWN_IDS, TextTokenizer
+    from retrieval.training.run import BUNDLED_TOKENIZERS
+
+    config = get_config(name)
+    cls = family_class(config.family)
+    if not cls.requires_checkpoint:
+        return name
+    model = initial_model(config)
+    tokenizer = TextTokenizer.load(BUNDLED_TOKENIZERS, getattr(model.config, "special_ids", OWN_IDS))
+    return str(cls(replace(config, checkpoint=None), model, tokenizer=tokenizer).save(out))
+
+
 def bench_encode(model: str, n: int = 10_000, device: str = "auto", batch_size: int = 256,
                  workers: int | None = None, image_size: int | None = None, threads: int | None = None,
                  part_size: int = 10_000, seed: int = 0, work_dir: str | os.PathLike | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Time the whole encode job and the bare forward on the same N ShapesWorld items; returns the report."""
+                 random_init: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Time the whole encode job and the bare forward on the same N ShapesWorld items; returns the report.
+    `random_init`: a registered model at its initial weights (`random_init_checkpoint`)."""
     import torch
 
     from evaluation.shapesworld import make_shapesworld
@@ -98,13 +118,15 @@ def bench_encode(model: str, n: int = 10_000, device: str = "auto", batch_size: 
     if work_dir is not None and Path(work_dir).exists() and any(Path(work_dir).iterdir()):
         raise RetrievalError(f"{work_dir} is not empty: the bench needs a fresh folder (a store there would resume)")
     device = resolve_device(device)
-    encoder = load_encoder(model, device=device)
-    image_size = image_size or encoder.config.image_size
     workers = default_workers() if workers is None else workers
     workspace = (tempfile.TemporaryDirectory(prefix="bench-encode-") if work_dir is None
                  else contextlib.nullcontext(str(work_dir)))
     with workspace as folder, thread_count(threads):
         root = Path(folder)
+        if random_init:
+            model = random_init_checkpoint(model, root / "random-init")
+        encoder = load_encoder(model, device=device)
+        image_size = image_size or encoder.config.image_size
         threads = torch.get_num_threads()
         with timed() as t_gen:
             corpus_path = make_shapesworld(root / "data", n=n, size=image_size, seed=seed, train_pairs=False,
@@ -145,6 +167,7 @@ def bench_encode(model: str, n: int = 10_000, device: str = "auto", batch_size: 
     return {
         "benchmark": "encode",
         "model": encoder.name,
+        "random_init": random_init,
         "dim": encoder.dim,
         "device": device,
         "n": n,
@@ -185,7 +208,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     """The printed form of a `bench_encode` report: throughput table, ratio against the bar, memory table."""
     bare, job, mem, prep = report["bare"], report["job"], report["memory"], report["prepare"]
     verdict = "holds" if report["bar"]["holds"] else "MISSED"
-    lines = [f"encode bench: {report['model']} (dim {report['dim']}) on {report['device']}, {report['n']} "
+    weights = " at random initial weights" if report.get("random_init") else ""
+    lines = [f"encode bench: {report['model']}{weights} (dim {report['dim']}) on {report['device']}, {report['n']} "
              f"ShapesWorld items ({report['image_size']} px), batch {report['batch_size']}, "
              f"{report['workers']} loader workers, {report['torch_threads']} torch threads, "
              f"{report['cpu_count']} CPUs (1-min load average {report['load_avg_1m'][0]:.1f} before, "
