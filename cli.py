@@ -152,10 +152,11 @@ def _clip(text: str, width: int) -> str:
 
 @models_app.command("list")
 def models_list() -> None:
-    """Registered encoders with their dimensions and checkpoints."""
-    from retrieval.encoders.registry import default_checkpoint, family_class, list_configs
+    """Registered encoders and released checkpoints: dimension, source, size and where the weights are."""
+    from retrieval.encoders.registry import default_checkpoint, family_class, list_configs, list_pretrained
+    from retrieval.hub import describe
 
-    rows = [("name", "family", "dim", "checkpoint", "description")]
+    rows = [("name", "family", "dim", "source", "size", "weights", "description")]
     for name, config in list_configs().items():
         checkpoint = default_checkpoint(config)
         if checkpoint:
@@ -163,8 +164,22 @@ def models_list() -> None:
         else:
             where = "none: import or train one" if family_class(config.family).requires_checkpoint else \
                 f"random init (seed {config.seed})"
-        rows.append((name, config.family, str(config.dim), where, config.description))
+        rows.append((name, config.family, str(config.dim), "bundled" if checkpoint else "-", "-", where,
+                     config.description))
+    for name, entry in list_pretrained().items():
+        source, status = describe(name)
+        rows.append((name, entry.family, str(entry.dim or "-"), source, entry.size or "-", status, entry.description))
     _echo_table(rows)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: str = typer.Argument(..., help="A released checkpoint (`retrieval models list`) or hf-hub:ORG/REPO[@REV]."),
+) -> None:
+    """Download a released checkpoint from the Hugging Face hub and convert it once into the cache."""
+    from retrieval.hub import pull
+
+    typer.echo(f"{name} → {pull(name)} (use it as --model {name}; offline from now on)")
 
 
 @models_app.command("families")
@@ -187,7 +202,10 @@ def models_families() -> None:
 def models_import(
     family: str = typer.Argument(..., help="The encoder family (`retrieval models families` lists importers)."),
     source: Path = typer.Argument(..., help="The official checkpoint, as its family's importer takes it."),
-    out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (our format)."),
+    out: Path | None = typer.Option(None, "--out", help="Checkpoint folder to write (our format)."),
+    name: str | None = typer.Option(None, "--name", help="Instead of --out: convert into the cache as this "
+                                                         "released checkpoint (`retrieval models list`), usable as "
+                                                         "--model NAME."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Folder with CLIP's vocab.json and merges.txt "
                                                                     "(default: the checkpoint's folder)."),
     option: list[str] = typer.Option([], "--option", help="NAME=VALUE: an option of the family's importer "
@@ -195,9 +213,16 @@ def models_import(
 ) -> None:
     """Convert an official checkpoint to our format, offline; strict about every key."""
     from retrieval.encoders.families import family as family_spec
+    from retrieval.hub import import_named
 
-    path = family_spec(family).import_checkpoint(source, out, tokenizer=tokenizer,
-                                                 options=parse_assignments(option, "--option"))
+    options = parse_assignments(option, "--option")
+    if (out is None) == (name is None):
+        raise RetrievalError("give --out DIR (a checkpoint folder) or --name NAME (into the cache), not both")
+    if name is not None:
+        path = import_named(family, source, name, tokenizer=tokenizer, options=options)
+        typer.echo(f"imported {source} → {path} (use it as --model {name})")
+        return
+    path = family_spec(family).import_checkpoint(source, out, tokenizer=tokenizer, options=options)
     typer.echo(f"imported {source} → {path} (use it as --model {path})")
 
 
@@ -406,13 +431,17 @@ def bench_encode(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(256, "--batch-size"),
     workers: int | None = typer.Option(None, "--workers", help="Loader processes (default: min(4, cores))."),
+    random_init: bool = typer.Option(False, "--random-init", help="A registered model at its seeded initial weights "
+                                                                  "(with a stand-in tokenizer): to time a full-size "
+                                                                  "model without its weights."),
     threads: int | None = typer.Option(None, "--threads", help="torch threads for both runs (default: torch's)."),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """The whole encode job against the bare model forward: items/s, their ratio, peak RSS."""
     from evaluation.bench import encode
 
-    report = encode.bench_encode(model, n=n, device=device, batch_size=batch_size, workers=workers, threads=threads)
+    report = encode.bench_encode(model, n=n, device=device, batch_size=batch_size, workers=workers, threads=threads,
+                                 random_init=random_init)
     _print_bench(report, encode.report_lines(report), json_out)
 
 

@@ -6,6 +6,7 @@ import importlib
 import os
 from pathlib import Path
 
+from retrieval.cache import cache_root
 from retrieval.errors import RetrievalError
 
 # name → the function that writes it (imported on use); each takes (out, n, size, seed, train_pairs, progress)
@@ -30,10 +31,6 @@ def make_data(name: str, out: str | os.PathLike, n: int | None = None, size: int
     maker = getattr(importlib.import_module(module), function)
     sized = {} if n is None else {"n": n}  # None: the data set's own default
     return maker(out, size=size, seed=seed, train_pairs=train_pairs, progress=progress, **sized)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RETRIEVAL_CACHE", Path.home() / ".cache" / "retrieval"))
 
 
 def default_data_dir(name: str, progress: bool = True) -> Path:

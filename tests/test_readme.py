@@ -48,6 +48,9 @@ NOT_RUN = {
     'pip uninstall -y faiss-cpu && pip install "faiss-gpu>=1.14.3"': "swaps this environment's FAISS for ~740 MB of "
                                                                       "CUDA wheels",
     "make test": "it is this test run (CI runs it through .ci/run)",
+    "retrieval models pull fuselip-b-cc12m": "downloads from the Hugging Face hub",
+    "retrieval index build photos/ --model fuselip-b-cc12m --out idx-photos-fuselip": "downloads from the Hugging Face "
+                                                                                     "hub",
 }
 
 

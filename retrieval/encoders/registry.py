@@ -1,4 +1,5 @@
-"""Named encoder configs (one JSON file per model, in its family's configs/) and the one factory, `load_encoder`."""
+"""Named encoder configs (one JSON file per model, in its family's configs/), released checkpoints by name (each
+family.json's `pretrained`, fetched and converted once by retrieval/hub.py), and the one factory, `load_encoder`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from functools import cache
 from pathlib import Path
 
 from retrieval.encoders.base import Encoder, EncoderConfig
-from retrieval.encoders.families import families, family
+from retrieval.encoders.families import Pretrained, families, family
 from retrieval.errors import RetrievalError
 from retrieval.files import read_json
 
@@ -32,6 +33,26 @@ def list_configs() -> dict[str, EncoderConfig]:
                 raise RetrievalError(f"model {config.name!r} is registered twice: {configs[config.name][1]} and {path}")
             configs[config.name] = (config, path)
     return {name: configs[name][0] for name in sorted(configs)}
+
+
+@cache
+def list_pretrained() -> dict[str, Pretrained]:
+    """Every released checkpoint by name (the `pretrained` models of each family), sorted."""
+    found: dict[str, Pretrained] = {}
+    for spec in families().values():
+        for name, entry in (spec.pretrained.models if spec.pretrained else {}).items():
+            if name in list_configs() or name in found:
+                other = f"family {found[name].family!r}" if name in found else "a model config"
+                raise RetrievalError(f"model {name!r} is registered twice: {spec.folder / 'family.json'} and {other}")
+            found[name] = entry
+    return {name: found[name] for name in sorted(found)}
+
+
+def is_released(name: str) -> bool:
+    """A released checkpoint's name, or `hf-hub:ORG/REPO[@REVISION]`."""
+    from retrieval.hub import HF_HUB
+
+    return name.startswith(HF_HUB) or name in list_pretrained()
 
 
 def get_config(name: str) -> EncoderConfig:
@@ -77,11 +98,17 @@ def load_encoder(name_or_checkpoint: str | os.PathLike, device: str = "auto", fu
     elif str(name_or_checkpoint) in list_configs():
         config = get_config(str(name_or_checkpoint))
         checkpoint = default_checkpoint(config)
+    elif is_released(str(name_or_checkpoint)):  # converted once into the cache, then read from there offline
+        from retrieval.hub import cached_checkpoint
+
+        checkpoint = cached_checkpoint(str(name_or_checkpoint))
+        config = EncoderConfig.from_dict(read_json(checkpoint / "config.json"))
     elif path.exists():
         raise RetrievalError(f"{path} is not a checkpoint folder: it has no config.json")
     else:
-        get_config(str(name_or_checkpoint))  # raises with the list of registered models
-        raise AssertionError("unreachable")
+        raise RetrievalError(f"unknown model {str(name_or_checkpoint)!r}; registered models: "
+                             f"{', '.join(list_configs())}; released checkpoints (downloaded once): "
+                             f"{', '.join(list_pretrained())}, or hf-hub:ORG/REPO; or a checkpoint folder")
     cls = family_class(config.family)
     if fusion is not None and not cls.fusion_modes:
         raise RetrievalError(f"{config.name} fuses early and has no fusion modes; drop --fusion")
