@@ -64,6 +64,9 @@ def wanted(model: str) -> Wanted:
         stem = "hf-hub--" + match["repo"].replace("/", "--")
         revision = match["revision"] or "main"
         return Wanted(model, stem, f"{stem}@{revision}", match["repo"], revision, None)
+    if model not in list_pretrained():
+        raise RetrievalError(f"{model!r} is not a released checkpoint; released: {', '.join(list_pretrained())}, "
+                             "or hf-hub:ORG/REPO[@REVISION]")
     entry = list_pretrained()[model]
     return Wanted(model, model, model, entry.repo, entry.revision, entry)
 

@@ -433,3 +433,8 @@ def test_the_released_names_are_registered_as_data():
         for s in "sb" for d in ("cc3m", "cc12m")}
     assert released["fdt-b32-cc3m"].repo is None and released["fdt-b32-cc3m"].options == {"temperature": "1000"}
     assert not set(released) & set(list_configs())
+
+
+def test_an_unknown_released_name_is_one_error_line(tmp_path):
+    line = one_error_line(cli(hub_env(tmp_path), "models", "pull", "fuselip-z-cc99m"))
+    assert "'fuselip-z-cc99m' is not a released checkpoint; released: " in line and "fuselip-b-cc12m" in line
