@@ -212,6 +212,7 @@ def pulled(tmp_path_factory):
             "again": again, "listed": listed, "log": log_after_first, "official": official}
 
 
+@pytest.mark.slow  # the shared pull from the loopback hub takes about 13 s
 def test_pull_downloads_and_converts_into_the_cache(pulled):
     assert pulled["first"].returncode == 0, pulled["first"].stderr
     models = pulled["tmp"] / "cache" / "models"
@@ -225,6 +226,7 @@ def test_pull_downloads_and_converts_into_the_cache(pulled):
     assert not [p for p in models.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
 
 
+@pytest.mark.slow  # the shared pull from the loopback hub takes about 13 s
 def test_a_cut_download_resumes_with_a_range_request(pulled):
     gets = [(path, ranged) for method, path, ranged in pulled["log"]
             if method == "GET" and path.endswith("/pytorch_model.bin")]
@@ -233,6 +235,7 @@ def test_a_cut_download_resumes_with_a_range_request(pulled):
     assert 0 < start <= CUT_AT(len(official_files()["pytorch_model.bin"]))
 
 
+@pytest.mark.slow  # a CLI run against the loopback hub
 def test_a_registered_name_converts_once_and_pulls_again_without_converting(pulled):
     assert pulled["registered"].returncode == 0, pulled["registered"].stderr
     models = pulled["tmp"] / "cache" / "models"
@@ -249,6 +252,7 @@ def test_a_registered_name_converts_once_and_pulls_again_without_converting(pull
     assert "hf-hub:chs20/FuseLIP-B-CC12M-MM@main" in fuselip and "not cached: retrieval models pull" in fuselip
 
 
+@pytest.mark.slow  # a CLI run against the loopback hub
 def test_later_uses_are_offline_with_the_server_gone(pulled, tmp_path):
     corpus = tiny_corpus(tmp_path / "corpus")
     for env, model in ((pulled["env"], f"hf-hub:{TINY}"), (pulled["plugin_env"], "tiny-hub-s")):
@@ -262,6 +266,7 @@ def test_later_uses_are_offline_with_the_server_gone(pulled, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow  # a CLI run against the loopback hub
 def test_pulled_embeddings_equal_models_import_on_the_same_files(pulled, tmp_path, monkeypatch):
     out = tmp_path / "imported"
     proc = cli(pulled["env"], "models", "import", "fuselip", pulled["official"], "--out", out)
@@ -283,7 +288,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("model", ["fuselip-s-cc3m", f"hf-hub:{TINY}@v1"])
+@pytest.mark.parametrize("model", ["fuselip-s-cc3m", pytest.param(f"hf-hub:{TINY}@v1", marks=pytest.mark.slow)])
 def test_offline_and_not_cached_is_one_line(model, tmp_path):
     corpus = tiny_corpus(tmp_path / "corpus")
     env = hub_env(tmp_path, offline=True)
@@ -298,6 +303,7 @@ def test_offline_and_not_cached_is_one_line(model, tmp_path):
         p for p in (tmp_path / "cache" / "models").iterdir() if "@" in p.name]
 
 
+@pytest.mark.slow  # a CLI run against the loopback hub
 def test_a_name_not_on_the_hub_says_how_to_import_it(tmp_path):
     line = one_error_line(cli(hub_env(tmp_path), "models", "pull", "fdt-b32-cc3m"))
     assert "not on the Hugging Face hub" in line and "retrieval models import fdt FILE --tokenizer CLIP_BPE_DIR " \
@@ -338,6 +344,7 @@ def test_a_hostile_repository_is_refused_by_name(repo, tmp_path):
     assert not models.exists() or not [p for p in models.iterdir() if "@" in p.name]
 
 
+@pytest.mark.slow  # a CLI run against the loopback hub
 def test_unknown_family_and_a_commit_id_that_is_a_path_are_refused(tmp_path):
     hub = Hub({"test/Readme-only": (sha(3), {"README.md": b"hi"}), "test/Evil": ("../../../outside", official_files())})
     try:
@@ -435,6 +442,7 @@ def test_the_released_names_are_registered_as_data():
     assert not set(released) & set(list_configs())
 
 
+@pytest.mark.slow  # a CLI run against the loopback hub
 def test_an_unknown_released_name_is_one_error_line(tmp_path):
     line = one_error_line(cli(hub_env(tmp_path), "models", "pull", "fuselip-z-cc99m"))
     assert "'fuselip-z-cc99m' is not a released checkpoint; released: " in line and "fuselip-b-cc12m" in line
