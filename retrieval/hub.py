@@ -33,7 +33,7 @@ from typing import Any
 from retrieval.cache import cache_root
 from retrieval.encoders.families import REPO_ID, REVISION, FamilySpec, Pretrained, families, family, resolve
 from retrieval.encoders.registry import list_pretrained
-from retrieval.errors import RetrievalError
+from retrieval.errors import RetrievalError, first_line
 from retrieval.files import atomic_path, folder_lock, fsync_folder, sha256_file, temporary_name, write_json
 
 HF_HUB = "hf-hub:"
@@ -114,9 +114,6 @@ def cached_checkpoint(model: str) -> Path:
 def hub_errors(w: Wanted) -> Iterator[None]:
     """huggingface_hub's exceptions (many lines; some are OSErrors) as one line each."""
     from huggingface_hub import constants, errors
-
-    def first_line(e: Exception) -> str:
-        return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
     try:
         yield
@@ -232,7 +229,7 @@ def convert(spec: FamilySpec, w: Wanted, source: Path, tokenizer: Path | None, o
                                      "torch.load(weights_only=True) refuses") from None
             except (EOFError, RuntimeError) as e:  # a truncated or corrupt file
                 raise RetrievalError(f"cannot import {w.model} from {source}: "
-                                     f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+                                     f"{first_line(e)}") from None
             write_json(tmp / "pulled.json", provenance)
             target = root / f"{w.stem}@{commit or 'import-' + sha256_file(tmp / 'model.safetensors')[:12]}"
             if (target / "config.json").is_file():

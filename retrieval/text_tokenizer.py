@@ -49,6 +49,11 @@ CLIP_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 OPEN_CLIP_SPECIALS = {"<|startoftext|>": "<start_of_text>", "<|endoftext|>": "<end_of_text>"}
 
 
+def largest_id(backend) -> int:
+    """The largest id a `tokenizers.Tokenizer` gives (an added token may reuse a vocabulary id under another name)."""
+    return max(backend.get_vocab(with_added_tokens=True).values())
+
+
 def clean_text(text: str) -> str:
     """What the official CLIP tokenizers do before BPE: ftfy, HTML entities unescaped twice, whitespace
     collapsed, lower case."""
@@ -64,8 +69,7 @@ class TextTokenizer:
     def __init__(self, backend, ids: SpecialIds):
         self.backend = backend
         self.ids = ids
-        # the largest id + 1: an added token may name an id of the BPE vocabulary under another string
-        self.vocab_size = 1 + max(backend.get_vocab(with_added_tokens=True).values())
+        self.vocab_size = largest_id(backend) + 1
 
     def pieces(self, text: str) -> list[int]:
         return self.backend.encode(clean_text(text), add_special_tokens=False).ids
@@ -115,7 +119,7 @@ class TextTokenizer:
         elif mask and token not in vocab:
             vocab[token] = len(vocab)
         backend = CLIPTokenizer(vocab=vocab, merges=merges).backend_tokenizer
-        size = 1 + max(backend.get_vocab(with_added_tokens=True).values())
+        size = largest_id(backend) + 1
         ids = SpecialIds(sot=backend.token_to_id("<|startoftext|>"), eot=backend.token_to_id("<|endoftext|>"),
                          pad=0, mask=backend.token_to_id(token) if mask else None)
         expected = ((size - 2, size - 1, size - 3) if mask and mask_before
