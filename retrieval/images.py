@@ -80,6 +80,9 @@ def upright(img: Image.Image) -> Image.Image:
         return img
 
 
+WIDE_MODES = ("I", "F")  # and I;16*: samples wider than 8 bits
+
+
 def as_rgb(img: Image.Image) -> Image.Image:
     """The pixels in 8-bit RGB as a viewer shows them: transparency over white (as transformers' CLIP
     preprocessing does), 16-bit and float samples scaled to 8 bits rather than clipped. (An image given in
@@ -88,7 +91,7 @@ def as_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode.startswith("I;16"):
         return _grey_to_rgb(np.asarray(img), full_scale=65535.0)
-    if img.mode in ("I", "F"):
+    if img.mode in WIDE_MODES:
         return _grey_to_rgb(np.asarray(img))
     if img.has_transparency_data:
         rgba = img.convert("RGBA")
@@ -119,7 +122,8 @@ def image_to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tu
                    resize: int | None = None, interpolation: str = "bicubic") -> np.ndarray:
     """Resize the shorter side to `size`, centre-crop to size×size, scale to [0,1], normalise: float32 CHW.
     With `resize`, as torchvision's Resize(resize) + CenterCrop(size) do it (the long side truncated, the crop
-    offset rounded), for models evaluated that way (FDT: 256, bilinear)."""
+    offset rounded), for models evaluated that way (FDT: 256, bilinear). Any mode, made RGB first by `as_rgb`."""
+    img = as_rgb(img)
     w, h = img.size
     if resize is None:
         scale = size / min(w, h)
@@ -141,8 +145,13 @@ def image_to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tu
 
 
 def squash_to_array(img: Image.Image, size: int) -> np.ndarray:
-    """Resize to size×size ignoring the aspect ratio (bicubic), scale to [0,1]: float32 CHW, no normalisation."""
-    arr = np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    """Resize to size×size ignoring the aspect ratio (bicubic), then make it RGB, scale to [0,1]: float32 CHW, no
+    normalisation. FuseLIP's order: an 8-bit image is resized in its own mode (a palette one by its nearest
+    pixel, alpha premultiplied) and then converted as PIL does (alpha dropped); 16-bit and float samples,
+    which that conversion would clip, are scaled by `as_rgb` first."""
+    if img.mode in WIDE_MODES or img.mode.startswith("I;16"):
+        img = as_rgb(img)
+    arr = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC).convert("RGB"), dtype=np.float32) / 255.0
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 

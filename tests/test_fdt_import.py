@@ -256,6 +256,23 @@ def test_the_exact_gelu_would_not_match_the_official_forward(official):
         _compare_with_official_forward(official, _gelu)
 
 
+def test_imported_fdt_embeds_an_image_or_a_text_as_its_tower_alone(official):
+    """Search embeddings of an imported model: an image alone is the official image embedding normalised (no
+    empty text added), a text alone the official text embedding; only an image with a text is fused."""
+    sd = {k: v.double() for k, v in official["state"].items()}
+    enc = load_encoder(official["out"], device="cpu")
+    temperature = enc.model.config.temperature
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (90, 70, 3), np.uint8))
+    pixels = enc.prepare(image, None)["pixels"].double()
+    want_image = official_image_by_hand(sd, pixels, temperature, _quick_gelu)[0]
+    want_text = official_text_by_hand(sd, enc.tokenizer.row("a cat", OFF_CTX), temperature, _quick_gelu)[0]
+    got = enc.encode(images=[image, None, image], texts=[None, "a cat", "a cat"])
+    np.testing.assert_allclose(got[0], want_image / np.linalg.norm(want_image), atol=1e-5)
+    np.testing.assert_allclose(got[1], want_text / np.linalg.norm(want_text), atol=1e-5)
+    fused = want_image / np.linalg.norm(want_image) + want_text / np.linalg.norm(want_text)
+    np.testing.assert_allclose(got[2], fused / np.linalg.norm(fused), atol=1e-5)
+
+
 def _broken(state: dict[str, torch.Tensor], case: str) -> dict[str, torch.Tensor]:
     state = dict(state)
     if case == "missing_untrained":

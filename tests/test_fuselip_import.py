@@ -21,6 +21,7 @@ from test_fuselip import _gelu, _ln, pictures, sequence_of  # noqa: F401 (pictur
 from retrieval import RetrievalError
 from retrieval.encoders.fuselip import FuseLIPEncoder
 from retrieval.encoders.registry import load_encoder
+from retrieval.images import as_rgb
 from retrieval.text_tokenizer import TextTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread
@@ -269,8 +270,9 @@ def official_embedding(sd: dict[str, torch.Tensor], ids: list[int], heads: int =
 
 
 def official_pixels(img: Image.Image) -> torch.Tensor:
-    """§1.7: squash to size×size (bicubic, antialiased), RGB, [0, 1], no mean/std."""
-    arr = np.asarray(img.convert("RGB").resize((TI_IMAGE, TI_IMAGE), Image.Resampling.BICUBIC), np.float64) / 255
+    """§1.7: squash to size×size (torchvision's Resize((S, S)) on a PIL image: PIL's bicubic resize), then
+    convert("RGB"), [0, 1], no mean/std."""
+    arr = np.asarray(img.resize((TI_IMAGE, TI_IMAGE), Image.Resampling.BICUBIC).convert("RGB"), np.float64) / 255
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
@@ -308,6 +310,22 @@ def test_titok_codes_match_the_official_legacy_computation(official):
         # the legacy reshape matters: the permuted (non-legacy) reading gives other ids
         assert official_titok_codes(official["state"], official_pixels(img), legacy=False) != expected
     assert len({tuple(c.tolist()) for c in ours}) == 3
+
+
+def test_images_in_memory_are_resized_then_made_rgb_as_the_official_transform(official):
+    """An RGBA or palette image given as a PIL object: resized in its own mode, then converted (alpha dropped),
+    as the official transform orders it; converting first (transparency over white) gives other pixels."""
+    enc = load_encoder(official["out"], device="cpu")
+    rng = np.random.default_rng(4)
+    rgba = Image.fromarray(rng.integers(0, 256, (37, 53, 4), np.uint8), "RGBA")
+    palette = Image.fromarray(rng.integers(0, 256, (37, 53, 3), np.uint8)).quantize(16)
+    for img in (rgba, palette):
+        pixels = enc.prepare(img, None)["pixels"]
+        np.testing.assert_allclose(pixels.numpy(), official_pixels(img).numpy(), atol=1e-6)
+        assert not np.allclose(pixels.numpy(), official_pixels(as_rgb(img)).numpy(), atol=1e-3)
+        ids = sequence_of(enc, [img], [None])[0].tolist()
+        assert ids[:TI_TOKENS] == [c + IMAGE_OFFSET for c in official_titok_codes(official["state"],
+                                                                                  official_pixels(img))]
 
 
 def test_imported_model_matches_the_official_forward_pass(official):

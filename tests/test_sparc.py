@@ -236,11 +236,10 @@ def test_fusion_modes_and_their_unimodal_items(tok):
 
     with torch.no_grad():
         v = model.image_features(enc.prepare(img, None)["pixels"][None])[0]
-        empty = model.text_features(torch.tensor([tok.row("", CTX)]))[0]
         t = model.text_features(torch.tensor([tok.row(text, CTX)]))[0]
         q = model.text_features(torch.tensor([tok.row(instruction, CTX)]))[0]
         fused_head = model.fusion_head(v[None], q[None])[0]
-    image_only = _unit_t(_unit_t(v) + _unit_t(empty)).numpy()
+    image_only = _unit_t(v).numpy()  # the image tower alone, as the official code embeds an image
     for vectors in (score, head):
         np.testing.assert_allclose(vectors[0], image_only, atol=1e-5)
         np.testing.assert_allclose(vectors[3], image_only, atol=1e-5)  # an empty text is no text
@@ -267,8 +266,7 @@ def test_invalid_fusion_mode_and_missing_head_are_refused(tok):
         headless.fusion_mode = "head"
     with pytest.raises(RetrievalError, match="no fusion head"):  # and the model refuses it directly
         headless.model.embed(**headless.collate([headless.prepare(shape_image(COLOURS["blue"], "circle"),
-                                                                  "make it red")]),
-                             empty_text=headless._empty, mode="head")
+                                                                  "make it red")]), mode="head")
 
 
 # ---------------------------------------------------------------- 7. the objective and a few training steps
@@ -300,7 +298,8 @@ def test_objective_batch_and_loss_are_the_weighted_sum_of_the_terms(tok, pair_im
     batch = objective.batch(pairs, torch.Generator().manual_seed(0))
     assert torch.equal(batch["caption_positives"], torch.eye(6, dtype=torch.bool))  # the 6 captions, not the rest
     assert batch["positives"].shape == (12, 12) and batch["positives"].sum(1).eq(1).all()
-    assert batch["text"][-1].tolist() == tok.row("", CTX)
+    distinct = {t for p in pairs for t in (p.query_text, p.target_text) if t}
+    assert batch["text"].shape == (len(distinct), CTX)  # the pairs' own texts: no empty text is encoded
     with torch.no_grad():
         loss, logs = objective.loss(batch)
     w = objective.weights
@@ -336,6 +335,24 @@ def test_objective_batch_and_loss_are_the_weighted_sum_of_the_terms(tok, pair_im
                            texts=[pairs[k].query_text for k in composed])
     assert logs["head"] == pytest.approx(_info_nce_by_hand(head_left, right, [eye[k] for k in composed], scale),
                                          rel=2e-3)
+
+
+def test_a_batch_of_image_pairs_without_any_text_has_a_loss(tok, pair_images):
+    from retrieval.training.run import objective_for
+
+    enc = tiny_encoder(tok, seed=3)
+    pairs = [Pair(group=f"g{k}", task="t", query_image=pair_images[a], query_text=None,
+                  target_image=pair_images[b], target_text=None)
+             for k, (a, b) in enumerate([("red-square", "blue-square"), ("blue-square", "red-square")])]
+    objective = objective_for(enc, pairs, "cpu", False)
+    batch = objective.batch(pairs, torch.Generator().manual_seed(0))
+    assert batch["text"].shape == (0, CTX)
+    loss, logs = objective.loss(batch)
+    assert set(logs) == {"fused"} and torch.isfinite(loss)
+    left = enc.encode(images=[p.query_image for p in pairs])
+    right = enc.encode(images=[p.target_image for p in pairs])
+    eye = np.eye(2, dtype=int).tolist()
+    assert logs["fused"] == pytest.approx(_info_nce_by_hand(left, right, eye, enc.model.logit_scale.item()), rel=2e-3)
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tok, pair_images):

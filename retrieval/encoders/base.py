@@ -17,7 +17,7 @@ from PIL import Image
 from retrieval.devices import autocast_for
 from retrieval.errors import RetrievalError
 from retrieval.files import atomic_path, has_type, write_json
-from retrieval.images import INTERPOLATIONS, as_rgb, load_image
+from retrieval.images import INTERPOLATIONS, load_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -151,8 +151,8 @@ class Encoder:
         for start in range(0, n, batch_size):
             items = []
             for img, txt in zip(images[start:start + batch_size], texts[start:start + batch_size]):
-                if img is not None:
-                    img = as_rgb(img) if isinstance(img, Image.Image) else load_image(img)
+                if img is not None and not isinstance(img, Image.Image):  # in memory: the family makes it RGB
+                    img = load_image(img)
                 items.append(self.prepare(img, txt))
             out.append(self.embed(self.collate(items)).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)

@@ -1,11 +1,11 @@
 """Composed queries for dual encoders (SPARC, FDT): score fusion, or a trained fusion head.
 
-Both modes treat unimodal items alike: a text alone is its text embedding, an image alone is
-normalize(n(image) + n(empty text)) — the empty-text rule of FuseLIP's score-fusion baselines — so an
-index of images or texts serves either mode. They differ only for items with an image and a text:
-`score` adds the two normalised embeddings, `head` runs the MagicLens-style fusion module (a small
-transformer over [image, text] features, an attentional pooler, LayerNorm), trained to land in the
-same space.
+Both modes treat unimodal items alike and as the families' official code does: an image alone is its
+image-tower embedding, a text alone its text-tower embedding, so plain text↔image search gives the
+official embeddings and an index of images or texts serves either mode. They differ only for items with
+an image and a text: `score` adds the two normalised embeddings, `head` runs the MagicLens-style fusion
+module (a small transformer over [image, text] features, an attentional pooler, LayerNorm), trained to
+land in the same space.
 """
 
 from __future__ import annotations
@@ -135,37 +135,38 @@ class DualEncoderModel(nn.Module):
         return self.text_outputs(ids)[0]
 
     def embed(self, pixels: torch.Tensor, has_image: torch.Tensor, text: torch.Tensor, has_text: torch.Tensor,
-              empty_text: torch.Tensor, mode: str = "score") -> torch.Tensor:
-        """Unit embeddings [B, dim] of items with an image, a text or both (`empty_text`: the id row of "")."""
-        return self.embed_outputs(pixels, has_image, text, has_text, empty_text, mode)[0]
+              mode: str = "score") -> torch.Tensor:
+        """Unit embeddings [B, dim] of items with an image, a text or both."""
+        return self.embed_outputs(pixels, has_image, text, has_text, mode)[0]
 
     def embed_outputs(self, pixels: torch.Tensor, has_image: torch.Tensor, text: torch.Tensor,
-                      has_text: torch.Tensor, empty_text: torch.Tensor, mode: str = "score"
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                      has_text: torch.Tensor, mode: str = "score"
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(unit embeddings, the image extras of the rows with an image, the text extras of the rows with a
         text); the towers run only on what is there."""
-        texts, text_extras = self.text_outputs(torch.cat([text[has_text], empty_text[None]]))
-        text_feats = texts.new_zeros(len(text), texts.shape[-1])
-        text_feats[has_text] = texts[:-1]
-        image_feats, image_extras = torch.zeros_like(text_feats), None
+        text_feats = image_feats = pixels.new_zeros(len(text), self.config.dim)
+        text_extras = image_extras = None
+        if has_text.any():
+            texts, text_extras = self.text_outputs(text[has_text])
+            text_feats = texts.new_zeros(len(text), texts.shape[-1])
+            text_feats[has_text] = texts
         if has_image.any():
             images, image_extras = self.image_outputs(pixels[has_image])
-            image_feats[has_image] = images.to(texts.dtype)
-        vectors = self.fuse(image_feats, has_image, text_feats, has_text, texts[-1], mode)
-        return vectors, image_extras, text_extras[:-1]
+            image_feats = images.new_zeros(len(text), images.shape[-1])
+            image_feats[has_image] = images
+        return self.fuse(image_feats, has_image, text_feats, has_text, mode), image_extras, text_extras
 
     def fuse(self, image: torch.Tensor, has_image: torch.Tensor, text: torch.Tensor, has_text: torch.Tensor,
-             empty: torch.Tensor, mode: str = "score") -> torch.Tensor:
+             mode: str = "score") -> torch.Tensor:
         """Item embeddings from un-normalised features [B, dim] (rows without that modality are ignored)."""
-        text_unit = F.normalize(text, dim=-1)
-        text_side = torch.where(has_text[:, None], text_unit, F.normalize(empty, dim=-1).expand_as(text_unit))
-        out = torch.where(has_image[:, None], F.normalize(image, dim=-1) + text_side, text_unit)
+        image_unit, text_unit = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+        out = image_unit * has_image[:, None] + text_unit * has_text[:, None]
         both = has_image & has_text
         if mode == "head" and both.any():
             if self.fusion_head is None:
                 raise RetrievalError("this model has no fusion head; use fusion mode 'score'")
             out = out.clone()
-            out[both] = self.fusion_head(image[both], text[both]).to(out.dtype)
+            out[both] = self.fusion_head(image[both], text[both]).float()
         return F.normalize(out, dim=-1)
 
 
@@ -201,7 +202,6 @@ class LateFusionEncoder(Encoder):
         self.tokenizer = tokenizer
         self.fusion_modes = tuple(m for m in FUSION_MODES if m != "head" or model.fusion_head is not None)
         self.fusion_mode = fusion_mode
-        self._empty = torch.tensor(tokenizer.row("", config.context_length))
 
     @staticmethod
     def special_ids(config: EncoderConfig):
@@ -235,7 +235,7 @@ class LateFusionEncoder(Encoder):
                             for i in images]).to(self.device)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model.embed(**batch, empty_text=self._empty.to(batch["text"].device), mode=self.fusion_mode)
+        return self.model.embed(**batch, mode=self.fusion_mode)
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"fusion_mode": self.fusion_mode}

@@ -19,5 +19,5 @@ class FDTObjective(LateFusionObjective):
 
     def family_terms(self, batch: dict[str, Any], image_local: torch.Tensor, text_local: torch.Tensor
                      ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        return {}, {"active_image": float((image_local > 0).sum(1).float().mean()),
-                    "active_text": float((text_local > 0).sum(1).float().mean())}
+        sides = (("active_image", image_local), ("active_text", text_local))
+        return {}, {name: float((codes > 0).sum(1).float().mean()) for name, codes in sides if codes is not None}

@@ -4,7 +4,7 @@ pairs, plus the composed-query losses; a family adds its own terms (SPARC's fine
 L = λ_global · L_global             InfoNCE of the global image and caption embeddings (equal captions, as
                                      Digits' templates, share every image they describe)
   + λ_fused · L_fused               InfoNCE of every pair's query and target embeddings as search makes
-                                     them in score-fusion mode (image alone = n(image) + n(empty text))
+                                     them in score-fusion mode
   + λ_head · L_head                 the same for composed queries through the fusion head
   + the family's terms
 One learned temperature is shared by all terms, clamped to the family's bounds after every step.
@@ -55,7 +55,7 @@ class LateFusionObjective:
         # column's whole share, silencing both (the bundled dual encoders were trained this way)
         targets, positives, _ = candidates(pairs)
         images = list(dict.fromkeys(i for p in pairs for i in (p.query_image, p.target_image) if i))
-        texts = list(dict.fromkeys(t for p in pairs for t in (p.query_text, p.target_text) if t)) + [""]
+        texts = list(dict.fromkeys(t for p in pairs for t in (p.query_text, p.target_text) if t))
         image_at, text_at = {p: i for i, p in enumerate(images)}, {t: i for i, t in enumerate(texts)}
 
         def refs(items: list[tuple[str | None, str | None]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +74,8 @@ class LateFusionObjective:
         size = self.encoder.config.image_size
         pixels = torch.stack([self.pixels(p) for p in images]) if images else torch.zeros(0, 3, size, size)
         batch = {"pixels": pixels.float(),
-                 "text": torch.tensor([self.text_row(t) for t in texts]),
+                 "text": torch.tensor([self.text_row(t) for t in texts], dtype=torch.long).reshape(
+                     len(texts), self.encoder.config.context_length),
                  "left": refs([p.query for p in pairs]), "right": refs(targets),
                  "positives": positives,
                  "caption_pairs": refs(captions),
@@ -86,17 +87,15 @@ class LateFusionObjective:
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         model = self.model
-        text_global, text_local = model.text_outputs(batch["text"])
-        if len(batch["pixels"]):
-            image_global, image_local = model.image_outputs(batch["pixels"])
-        else:  # a batch of text pairs only: no image is ever indexed
-            image_global, image_local = text_global.new_zeros(1, text_global.shape[-1]), None
-        empty, scale = text_global[-1], model.logit_scale
+        absent = (torch.zeros(1, model.config.dim, device=self.device), None)  # rows gathered from it are masked
+        text_global, text_local = model.text_outputs(batch["text"]) if len(batch["text"]) else absent
+        image_global, image_local = model.image_outputs(batch["pixels"]) if len(batch["pixels"]) else absent
+        scale = model.logit_scale
 
         def embed(refs: tuple[torch.Tensor, torch.Tensor], mode: str) -> torch.Tensor:
             image, text = refs
             return model.fuse(image_global[image.clamp(min=0)], image >= 0, text_global[text.clamp(min=0)],
-                              text >= 0, empty, mode)
+                              text >= 0, mode)
 
         right = embed(batch["right"], "score")
         terms = {"fused": info_nce(embed(batch["left"], "score"), right, batch["positives"], scale)}

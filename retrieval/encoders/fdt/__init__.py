@@ -34,8 +34,7 @@ class FDTEncoder(LateFusionEncoder):
         return self.model.text_outputs(ids)[1].float().cpu()
 
     def forward_columns(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list]]:
-        vectors, image_codes, text_codes = self.model.embed_outputs(
-            **batch, empty_text=self._empty.to(batch["text"].device), mode=self.fusion_mode)
+        vectors, image_codes, text_codes = self.model.embed_outputs(**batch, mode=self.fusion_mode)
         columns = {}
         sides = (("image", batch["has_image"], image_codes), ("text", batch["has_text"], text_codes))
         for side, present, codes in sides:
@@ -63,9 +62,7 @@ class FDTEncoder(LateFusionEncoder):
         text = torch.stack([dense(r["text_code_ids"], r["text_code_weights"]) for r in rows])
         has_image = torch.tensor([r["image_code_ids"] is not None for r in rows], device=self.device)
         has_text = torch.tensor([r["text_code_ids"] is not None for r in rows], device=self.device)
-        empty = model.text_outputs(self._empty[None].to(self.device))[0][0]
-        return model.fuse(model.from_code(image), has_image, model.from_code(text), has_text, empty,
-                          self.fusion_mode).cpu()
+        return model.fuse(model.from_code(image), has_image, model.from_code(text), has_text, self.fusion_mode).cpu()
 
     @torch.inference_mode()
     def activations(self, image=None, text: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
