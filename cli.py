@@ -216,8 +216,11 @@ def models_import(
     from retrieval.hub import import_named
 
     options = parse_assignments(option, "--option")
-    if (out is None) == (name is None):
+    if out is not None and name is not None:
         raise RetrievalError("give --out DIR (a checkpoint folder) or --name NAME (into the cache), not both")
+    if out is None and name is None:
+        raise RetrievalError("give --out DIR (a checkpoint folder) or --name NAME (a released checkpoint, into the "
+                             "cache)")
     if name is not None:
         path = import_named(family, source, name, tokenizer=tokenizer, options=options)
         typer.echo(f"imported {source} → {path} (use it as --model {name})")

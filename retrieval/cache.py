@@ -8,4 +8,4 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("RETRIEVAL_CACHE") or Path.home() / ".cache" / "retrieval").expanduser()
+    return Path(os.environ.get("RETRIEVAL_CACHE") or Path.home() / ".cache" / "retrieval").expanduser().absolute()

@@ -74,10 +74,10 @@ def check_out_folder(out: Path, kind: str, is_ours: Callable[[Path], bool]) -> N
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (created if needed) for one writing job; a second job is refused.
-    The lock is a POSIX record lock: the kernel drops it with its process however that process ended, and the
-    process's forked children (data-loader workers) do not hold it."""
+def folder_lock(folder: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if needed) for one writing job; a second job is refused, or
+    with `wait` waits for it. The lock is a POSIX record lock: the kernel drops it with its process however that
+    process ended, and the process's forked children (data-loader workers) do not hold it; it is not reentrant."""
     import fcntl
 
     folder = Path(folder)
@@ -85,7 +85,7 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except (BlockingIOError, PermissionError):
             raise RetrievalError(f"{folder} is in use by another {what}; wait for it to finish, or use another "
                                  "folder") from None

@@ -3,26 +3,30 @@ of a family.json or `hf-hub:ORG/REPO[@REVISION]` of a family whose importer read
 
 The first use downloads the files the family's spec names through huggingface_hub (its cache, HF_HOME,
 HF_HUB_OFFLINE, HF_ENDPOINT and token, its progress bars), with the tokenizer files from the spec's tokenizer
-repository; converts them ONCE with the family's strict importer into a temporary folder; and renames that into
-place. Then the ref, the one file a later use reads, is written:
+repository; converts them ONCE with the family's strict importer into a temporary folder; renames that into
+place and writes the ref, the one file a later use reads — all under one lock, so that concurrent pulls of the
+same model wait for each other and convert it once:
 
-    $RETRIEVAL_CACHE/models/NAME@COMMIT/   our checkpoint (config.json, model.safetensors, tokenizer) + pulled.json
-    $RETRIEVAL_CACHE/models/refs/NAME      "NAME@COMMIT": the folder NAME loads
+    $RETRIEVAL_CACHE/models/STEM@COMMIT/    our checkpoint (config.json, model.safetensors, tokenizer) + pulled.json
+    $RETRIEVAL_CACHE/models/refs/STEM@REV   {"folder": "STEM@COMMIT", "repo": ..., "revision": ...}
 
-`hf-hub:ORG/REPO@REV` is stored as hf-hub--ORG--REPO@COMMIT with the ref hf-hub--ORG--REPO@REV; a checkpoint
-imported by hand (`models import FAMILY SOURCE --name NAME`, for one that is not on the hub) as
-NAME@import-SHA12 (the converted weights' sha256). Every later `--model NAME` reads the ref and never touches the
-network; `models pull NAME` asks the hub again and converts only a new commit. Folder names come from validated
-names and a 40-hex commit id only, so nothing the hub answers can name a path outside the cache.
+STEM is the released name, or hf-hub--ORG--REPO; REV the revision asked for ("/" written "--"; a registered name
+asks for the revision its family.json pins, so a new pin is a new ref). A checkpoint imported by hand (`models
+import FAMILY SOURCE --name NAME`, for one that is not on the hub) is NAME@import-SHA12 (the converted weights'
+sha256) with the ref NAME@import. A later `--model NAME` reads the ref, checks the folder it names, and never
+touches the network; `models pull NAME` asks the hub again and converts only a new commit. Folder names come
+from validated names and a 40-hex commit id only, so nothing the hub answers can name a path outside the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import re
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -31,25 +35,34 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.cache import cache_root
-from retrieval.encoders.families import REPO_ID, REVISION, FamilySpec, Pretrained, families, family, resolve
+from retrieval.encoders.families import FamilySpec, families, family, resolve
+from retrieval.encoders.pretrained import REPO_ID, REVISION, Pretrained
 from retrieval.encoders.registry import list_pretrained
 from retrieval.errors import RetrievalError, first_line
-from retrieval.files import atomic_path, folder_lock, fsync_folder, sha256_file, temporary_name, write_json
+from retrieval.files import atomic_path, folder_lock, fsync_folder, read_json, sha256_file, temporary_name, write_json
 
 HF_HUB = "hf-hub:"
-HUB_NAME = re.compile(rf"hf-hub:(?P<repo>{REPO_ID.pattern})(?:@(?P<revision>{REVISION.pattern}))?")
+FORMAT = 2  # of a converted folder (pulled.json); a folder of another format is converted again
 COMMIT = re.compile(r"[0-9a-f]{40}")
-FOLDER = re.compile(r"[A-Za-z0-9][\w.-]*@[\w.-]+")
+FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*@[A-Za-z0-9_.-]+")
+PROVENANCE = "pulled.json"
+
+
+class HubUnreachable(RetrievalError):
+    """No connection to the hub (or HF_HUB_OFFLINE): a cached copy may still serve."""
 
 
 @dataclass(frozen=True)
 class Wanted:
     model: str  # as the user wrote it
     stem: str  # its folders are STEM@VERSION
-    ref: str  # the name of its ref file
     repo: str | None  # None: not on the hub (imported by hand)
-    revision: str
+    revision: str  # the revision asked for; "import" for a checkpoint imported by hand
     entry: Pretrained | None  # None for hf-hub:
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stem}@{self.revision.replace('/', '--')}"
 
 
 def models_dir() -> Path:
@@ -58,28 +71,44 @@ def models_dir() -> Path:
 
 def wanted(model: str) -> Wanted:
     if model.startswith(HF_HUB):
-        match = HUB_NAME.fullmatch(model)
-        if not match:
-            raise RetrievalError(f"{model!r} is not hf-hub:ORG/REPO[@REVISION] (names of letters, digits, . _ -)")
-        stem = "hf-hub--" + match["repo"].replace("/", "--")
-        revision = match["revision"] or "main"
-        return Wanted(model, stem, f"{stem}@{revision}", match["repo"], revision, None)
+        repo, at, revision = model.removeprefix(HF_HUB).partition("@")
+        if not REPO_ID.fullmatch(repo) or (at and not REVISION.fullmatch(revision)):
+            raise RetrievalError(f"{model!r} is not hf-hub:ORG/REPO[@REVISION] (ASCII letters, digits, . _ -; a "
+                                 "revision may have / between its parts)")
+        return Wanted(model, "hf-hub--" + repo.replace("/", "--"), repo, revision or "main", None)
     if model not in list_pretrained():
         raise RetrievalError(f"{model!r} is not a released checkpoint; released: {', '.join(list_pretrained())}, "
                              "or hf-hub:ORG/REPO[@REVISION]")
     entry = list_pretrained()[model]
-    return Wanted(model, model, model, entry.repo, entry.revision, entry)
+    return Wanted(model, model, entry.repo, entry.revision if entry.repo else "import", entry)
+
+
+def usable(folder: Path, w: Wanted) -> bool:
+    """A converted folder of the current format, whose config has the dimension `w` registers."""
+    try:
+        if read_json(folder / PROVENANCE).get("format") != FORMAT:
+            return False
+        config = read_json(folder / "config.json")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return w.entry is None or w.entry.dim is None or config.get("dim") == w.entry.dim
 
 
 def cached(model: str) -> Path | None:
     """The converted folder `model` loads, if it is in the cache (no network)."""
     w = wanted(model)
-    try:
-        name = (models_dir() / "refs" / w.ref).read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    folder = models_dir() / name
-    return folder if FOLDER.fullmatch(name) and (folder / "config.json").is_file() else None
+    names = []
+    with contextlib.suppress(OSError, ValueError):
+        ref = json.loads((models_dir() / "refs" / w.ref).read_text(encoding="utf-8"))
+        if isinstance(ref, dict) and (ref.get("repo"), ref.get("revision")) == (w.repo, w.revision):
+            names.append(ref.get("folder"))
+    if w.repo and COMMIT.fullmatch(w.revision):  # a commit names its folder: no ref needed
+        names.append(f"{w.stem}@{w.revision}")
+    for name in names:
+        if isinstance(name, str) and FOLDER.fullmatch(name) and name.startswith(f"{w.stem}@") \
+                and usable(models_dir() / name, w):
+            return models_dir() / name
+    return None
 
 
 def offline() -> bool:
@@ -111,24 +140,26 @@ def cached_checkpoint(model: str) -> Path:
 
 
 @contextlib.contextmanager
-def hub_errors(w: Wanted) -> Iterator[None]:
-    """huggingface_hub's exceptions (many lines; some are OSErrors) as one line each."""
+def hub_errors(w: Wanted, repo: str | None = None, revision: str | None = None) -> Iterator[None]:
+    """huggingface_hub's exceptions (many lines; some are OSErrors) as one line each, naming the repository asked
+    (`repo`, default the model's own)."""
     from huggingface_hub import constants, errors
 
+    repo, revision = repo or w.repo, revision or w.revision
     try:
         yield
     except errors.RevisionNotFoundError:
-        raise RetrievalError(f"{w.model}: {w.repo} has no revision {w.revision!r}") from None
+        raise RetrievalError(f"{w.model}: {repo} has no revision {revision!r}") from None
     except errors.RepositoryNotFoundError:
-        raise RetrievalError(f"{w.model}: no repository {w.repo} on {constants.ENDPOINT} (a private or gated one "
+        raise RetrievalError(f"{w.model}: no repository {repo} on {constants.ENDPOINT} (a private or gated one "
                              "needs a token: HF_TOKEN or `hf auth login`)") from None
     except errors.HfHubHTTPError as e:
-        raise RetrievalError(f"{w.model}: the hub refused a request: {first_line(e)}") from None
+        raise RetrievalError(f"{w.model}: the hub refused a request for {repo}: {first_line(e)}") from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
-        raise RetrievalError(missing_message(w, f"the hub ({constants.ENDPOINT}) cannot be reached")) from None
+        raise HubUnreachable(missing_message(w, f"the hub ({constants.ENDPOINT}) cannot be reached")) from None
     except Exception as e:
         if type(e).__module__.split(".")[0] in ("httpx", "httpx2"):  # huggingface_hub's HTTP client: no connection
-            raise RetrievalError(missing_message(w, f"the hub ({constants.ENDPOINT}) cannot be reached: "
+            raise HubUnreachable(missing_message(w, f"the hub ({constants.ENDPOINT}) cannot be reached: "
                                                     f"{first_line(e)}")) from None
         raise
 
@@ -160,29 +191,39 @@ def download(repo: str, revision: str, files: tuple[str, ...]) -> Path:
 
 def pull(model: str) -> Path:
     """Download `model` from the hub and convert it, unless its newest commit is converted already; its folder.
-    Offline (or for a checkpoint that is not on the hub): the cached folder, or the error line."""
-    from huggingface_hub import HfApi
+    Offline, or the hub unreachable: the cached folder (with a note), or the error line."""
+    from huggingface_hub import HfApi, constants
 
     w = wanted(model)
     if w.repo is None or offline():  # nothing to ask the hub: what the cache holds, or the error line
         return cached_checkpoint(model)
+    try:
+        with hub_errors(w):
+            info = HfApi().model_info(w.repo, revision=w.revision)
+    except HubUnreachable:
+        folder = cached(model)
+        if folder is None:
+            raise
+        print(f"{model}: the hub ({constants.ENDPOINT}) cannot be reached; the cached {folder.name} is kept",
+              file=sys.stderr)
+        return folder
+    if not (isinstance(info.sha, str) and COMMIT.fullmatch(info.sha)):
+        raise RetrievalError(f"{model}: the hub gave no commit id for {w.repo}@{w.revision} ({info.sha!r})")
+    spec = family_of(w, {sibling.rfilename for sibling in info.siblings or []})
+    if usable(models_dir() / f"{w.stem}@{info.sha}", w):
+        return convert(spec, w, None, None, {}, {}, info.sha)  # converted before: only the ref is written
+    # downloads run outside the conversion lock; huggingface_hub locks its own cache
+    provenance = {"model": model, "repo": w.repo, "revision": w.revision, "commit": info.sha}
     with hub_errors(w):
-        info = HfApi().model_info(w.repo, revision=w.revision)
-        if not (isinstance(info.sha, str) and COMMIT.fullmatch(info.sha)):
-            raise RetrievalError(f"{model}: the hub gave no commit id for {w.repo}@{w.revision} ({info.sha!r})")
-        spec = family_of(w, {sibling.rfilename for sibling in info.siblings or []})
-        target = models_dir() / f"{w.stem}@{info.sha}"
-        if not (target / "config.json").is_file():
-            source = download(w.repo, info.sha, spec.pretrained.files)
-            tokenizer, provenance = None, {"model": model, "repo": w.repo, "revision": w.revision, "commit": info.sha}
-            if spec.pretrained.tokenizer:
-                repo, revision, files = spec.pretrained.tokenizer
-                tokenizer = download(repo, revision, files)
-                provenance["tokenizer"] = {"repo": repo, "revision": revision, "commit": tokenizer.name}
-            options = spec.importer.parse(spec.name, w.entry.options if w.entry else {})
-            target = convert(spec, w, source, tokenizer, options, provenance, info.sha)
-    write_ref(w, target)
-    return target
+        source = download(w.repo, info.sha, spec.pretrained.files)
+    tokenizer = None
+    if spec.pretrained.tokenizer:
+        repo, revision, files = spec.pretrained.tokenizer
+        with hub_errors(w, repo, revision):
+            tokenizer = download(repo, revision, files)
+        provenance["tokenizer"] = {"repo": repo, "revision": revision, "commit": tokenizer.name}
+    options = spec.importer.parse(spec.name, w.entry.options if w.entry else {})
+    return convert(spec, w, source, tokenizer, options, provenance, info.sha)
 
 
 def import_named(family_name: str, source: str | os.PathLike, name: str, tokenizer: str | os.PathLike | None = None,
@@ -202,50 +243,58 @@ def import_named(family_name: str, source: str | os.PathLike, name: str, tokeniz
         if given.get(key, value) != value:
             raise RetrievalError(f"{name} is registered with --option {key}={w.entry.options[key]}")
     provenance = {"model": name, "source": str(Path(source).resolve()), "imported": time.strftime("%Y-%m-%d %H:%M")}
-    target = convert(spec, w, Path(source), Path(tokenizer) if tokenizer else None, registered | given, provenance)
-    write_ref(w, target)
-    return target
+    return convert(spec, w, Path(source), Path(tokenizer) if tokenizer else None, registered | given, provenance)
 
 
-def convert(spec: FamilySpec, w: Wanted, source: Path, tokenizer: Path | None, options: dict[str, Any],
+def convert(spec: FamilySpec, w: Wanted, source: Path | None, tokenizer: Path | None, options: dict[str, Any],
             provenance: dict[str, Any], commit: str | None = None) -> Path:
-    """Run the family's importer into a temporary folder and rename it to STEM@COMMIT (STEM@import-SHA12 without
-    a commit). A killed conversion leaves only a dot-named temporary folder, removed by the next one."""
+    """Under the cache's lock (waiting for another conversion): unless STEM@COMMIT is converted already, run the
+    family's importer into a temporary folder and rename it to STEM@COMMIT (STEM@import-SHA12 without a commit);
+    then write the ref. A killed conversion leaves only a dot-named temporary folder, removed by the next one."""
     root = models_dir()
-    with folder_lock(root, "model conversion"):
-        for leftover in root.glob(".*.tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = root / temporary_name(f"{w.stem}@{commit or 'import'}")
+    with folder_lock(root, "model conversion", wait=True):
+        target = root / f"{w.stem}@{commit}" if commit else None
+        if target is None or not usable(target, w):
+            if source is None:
+                raise RetrievalError(f"{w.model}: the converted {target} went missing; run the command again")
+            target = _convert(spec, w, source, tokenizer, options, provenance, commit)
+        with atomic_path(root / "refs" / w.ref) as tmp:
+            tmp.write_text(json.dumps({"folder": target.name, "repo": w.repo, "revision": w.revision}) + "\n",
+                           encoding="utf-8")
+        return target
+
+
+def _convert(spec: FamilySpec, w: Wanted, source: Path, tokenizer: Path | None, options: dict[str, Any],
+             provenance: dict[str, Any], commit: str | None) -> Path:
+    root = models_dir()
+    for leftover in root.glob(".*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = root / temporary_name(f"{w.stem}@{commit or 'import'}")
+    # the config is named so that an index built with it finds it again: the registered name, or the commit
+    name = w.entry.name if w.entry else f"{HF_HUB}{w.repo}@{commit}"
+    try:
         try:
-            try:
-                with warnings.catch_warnings():  # a hostile pickle's protocol is refused below, not warned about
-                    warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                    resolve(spec.importer.function)(source, tmp, tokenizer=tokenizer,
-                                                    name=w.entry.name if w.entry else None, **options)
-            except RetrievalError as e:  # the importer's checks: missing files, not a state dict, keys, shapes
-                raise RetrievalError(f"cannot import {w.model}: {e}") from None
-            except pickle.UnpicklingError:
-                raise RetrievalError(f"cannot import {w.model}: {source} holds a pickle of more than tensors, which "
-                                     "torch.load(weights_only=True) refuses") from None
-            except (EOFError, RuntimeError) as e:  # a truncated or corrupt file
-                raise RetrievalError(f"cannot import {w.model} from {source}: "
-                                     f"{first_line(e)}") from None
-            write_json(tmp / "pulled.json", provenance)
-            target = root / f"{w.stem}@{commit or 'import-' + sha256_file(tmp / 'model.safetensors')[:12]}"
-            if (target / "config.json").is_file():
-                return target  # the same weights, converted before
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-            fsync_folder(root)
-            return target
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_ref(w: Wanted, target: Path) -> None:
-    with atomic_path(models_dir() / "refs" / w.ref) as tmp:
-        tmp.write_text(target.name + "\n", encoding="utf-8")
+            with warnings.catch_warnings():  # a hostile pickle's protocol is refused below, not warned about
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                resolve(spec.importer.function)(source, tmp, tokenizer=tokenizer, name=name, **options)
+        except RetrievalError as e:  # the importer's checks: missing files, not a state dict, keys, shapes
+            raise RetrievalError(f"cannot import {w.model}: {e}") from None
+        except pickle.UnpicklingError:
+            raise RetrievalError(f"cannot import {w.model}: {source} holds a pickle of more than tensors, which "
+                                 "torch.load(weights_only=True) refuses") from None
+        except (EOFError, RuntimeError) as e:  # a truncated or corrupt file
+            raise RetrievalError(f"cannot import {w.model} from {source}: {first_line(e)}") from None
+        write_json(tmp / PROVENANCE, provenance | {"format": FORMAT})
+        target = root / f"{w.stem}@{commit or 'import-' + sha256_file(tmp / 'model.safetensors')[:12]}"
+        if usable(target, w):
+            return target  # the same weights, converted before
+        if target.exists():  # an older format, or a partial copy: replaced
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+        fsync_folder(root)
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def describe(name: str) -> tuple[str, str]:

@@ -59,7 +59,7 @@ class SearchIndex:
         import faiss
 
         from retrieval.encoders import load_encoder
-        from retrieval.encoders.registry import list_configs
+        from retrieval.encoders.registry import is_released, list_configs
 
         self.path = Path(path)
         self.info, self.index = read_index_folder(self.path)
@@ -77,8 +77,8 @@ class SearchIndex:
             checkpoint = recorded.get("checkpoint")
             if checkpoint and (Path(checkpoint) / "config.json").is_file():
                 model = checkpoint
-            elif recorded["name"] in list_configs():
-                model = recorded["name"]
+            elif recorded["name"] in list_configs() or is_released(recorded["name"]):
+                model = recorded["name"]  # a released checkpoint: from the model cache, pulled if need be
             else:
                 raise RetrievalError(f"the encoder of this index, {recorded['name']!r} "
                                      f"(checkpoint {checkpoint}), is not available here")

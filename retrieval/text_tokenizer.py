@@ -63,6 +63,20 @@ def clean_text(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+def official_word_split(backend, ids: SpecialIds):
+    """For a CLIP BPE (its pre-tokenizer splits by CLIP_WORDS): the official tokenizer's whole split, its start
+    and end tokens first, so a literal one is special exactly where that regex finds it (not inside a run of
+    punctuation, as in "x.<|endoftext|>"); None for our own BPE."""
+    import regex
+
+    state = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
+    first = (state.get("pretokenizers") or [{}])[0]
+    if first.get("type") != "Split" or first.get("pattern", {}).get("Regex") != CLIP_WORDS:
+        return None
+    specials = [backend.id_to_token(i) for i in (ids.sot, ids.eot)]
+    return regex.compile("|".join(map(regex.escape, specials)) + "|" + CLIP_WORDS, regex.IGNORECASE)
+
+
 class TextTokenizer:
     """Turns text into a fixed-length row [SOT, pieces…, EOT, pad…] (cut to fit, EOT always kept)."""
 
@@ -70,9 +84,14 @@ class TextTokenizer:
         self.backend = backend
         self.ids = ids
         self.vocab_size = largest_id(backend) + 1
+        self.words = official_word_split(backend, ids)
 
     def pieces(self, text: str) -> list[int]:
-        return self.backend.encode(clean_text(text), add_special_tokens=False).ids
+        text = clean_text(text)
+        if self.words is None:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        words = self.words.findall(text)  # a special token can only be a whole word here
+        return self.backend.encode(words, is_pretokenized=True, add_special_tokens=False).ids if words else []
 
     def row(self, text: str, length: int) -> list[int]:
         ids = [self.ids.sot, *self.pieces(text)[: length - 2], self.ids.eot]
@@ -91,7 +110,12 @@ class TextTokenizer:
         path = Path(folder) / TOKENIZER_FILE
         if not path.is_file():
             raise RetrievalError(f"{folder} has no {TOKENIZER_FILE}")
-        return cls(Tokenizer.from_file(str(path)), ids)
+        tokenizer = cls(Tokenizer.from_file(str(path)), ids)
+        if tokenizer.words is None and min(ids.sot, ids.eot) >= CLIP_IDS.sot:
+            raise RetrievalError(f"{path} is a CLIP BPE written by an older import, which splits words unlike the "
+                                 "official tokenizer; import the checkpoint again (`retrieval models import`, or "
+                                 "`retrieval models pull NAME`)")
+        return tokenizer
 
     @classmethod
     def from_clip_files(cls, folder: str | os.PathLike, mask: bool = True, mask_before: bool = False
@@ -141,7 +165,8 @@ class TextTokenizer:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
-    """A lower-cased byte-level BPE with at most `vocab_size` entries, special tokens first (OWN_IDS)."""
+    """A lower-cased byte-level BPE with at most `vocab_size` entries, special tokens first (OWN_IDS), learnt from
+    the texts as `pieces` will see them (cleaned)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
@@ -150,5 +175,5 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(OWN_SPECIALS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(texts, trainer)
+    backend.train_from_iterator((clean_text(t) for t in texts), trainer)
     return TextTokenizer(backend, OWN_IDS)

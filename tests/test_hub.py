@@ -218,7 +218,10 @@ def test_pull_downloads_and_converts_into_the_cache(pulled):
     models = pulled["tmp"] / "cache" / "models"
     folder = models / f"hf-hub--test--FuseLIP-tiny@{sha(1)}"
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-    assert (models / "refs" / "hf-hub--test--FuseLIP-tiny@main").read_text().strip() == folder.name
+    assert json.loads((models / "refs" / "hf-hub--test--FuseLIP-tiny@main").read_text()) == {
+        "folder": folder.name, "repo": TINY, "revision": "main"}
+    # the config is named by its commit, so that an index built with it finds it again
+    assert json.loads((folder / "config.json").read_text())["name"] == f"hf-hub:{TINY}@{sha(1)}"
     assert str(folder) in pulled["first"].stdout
     provenance = json.loads((folder / "pulled.json").read_text())
     assert provenance["commit"] == sha(1) and provenance["tokenizer"] == {
@@ -241,7 +244,7 @@ def test_a_registered_name_converts_once_and_pulls_again_without_converting(pull
     models = pulled["tmp"] / "cache" / "models"
     folder = models / f"tiny-hub-s@{sha(1)}"
     assert json.loads((folder / "config.json").read_text())["name"] == "tiny-hub-s"
-    assert (models / "refs" / "tiny-hub-s").read_text().strip() == folder.name
+    assert json.loads((models / "refs" / "tiny-hub-s@main").read_text())["folder"] == folder.name
     # a second pull asks the hub, finds the commit converted, and converts nothing
     assert pulled["again"].returncode == 0 and str(models / f"hf-hub--test--FuseLIP-tiny@{sha(1)}") in \
         pulled["again"].stdout
@@ -361,13 +364,95 @@ def test_unknown_family_and_a_commit_id_that_is_a_path_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["hf-hub:../etc", "hf-hub:a/b/c", "hf-hub:a/b@../x", "hf-hub:a--b/c", "hf-hub:a/.b",
-                                 "hf-hub:a/b@", "hf-hub:a/b@refs/pr/1"])
+                                 "hf-hub:a/b@", "hf-hub:a/b@x--y", "hf-hub:a/b@refs//pr", "hf-hub:a/b@refs/",
+                                 "hf-hub:a/b@/x", "hf-hub:é/b", "hf-hub:a/b@vé"])
 def test_hub_names_that_could_name_a_path_are_refused(bad):
     from retrieval.errors import RetrievalError
     from retrieval.hub import wanted
 
     with pytest.raises(RetrievalError, match="is not hf-hub:ORG/REPO"):
         wanted(bad)
+
+
+def test_a_revision_with_slashes_or_dashes_in_the_repository_name_is_one_ref_file():
+    from retrieval.hub import wanted
+
+    w = wanted("hf-hub:org/my-model@refs/pr/1")  # the revision of a hub pull request
+    assert (w.stem, w.revision, w.ref) == ("hf-hub--org--my-model", "refs/pr/1", "hf-hub--org--my-model@refs--pr--1")
+    assert "/" not in w.ref and wanted("hf-hub:org/my-model").ref == "hf-hub--org--my-model@main"
+
+
+@pytest.mark.slow  # uses the shared pull
+def test_the_cache_answers_only_for_the_revision_and_format_it_holds(pulled, tmp_path, monkeypatch):
+    from retrieval.hub import cached
+
+    cache = tmp_path / "cache"
+    shutil.copytree(pulled["tmp"] / "cache", cache)
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(cache))
+    folder = cache / "models" / f"hf-hub--test--FuseLIP-tiny@{sha(1)}"
+    assert cached(f"hf-hub:{TINY}") == folder
+    assert cached(f"hf-hub:{TINY}@{sha(1)}") == folder  # a commit names its folder without a ref
+    assert cached(f"hf-hub:{TINY}@v2") is None and cached(f"hf-hub:{TINY}@{sha(9)}") is None
+    ref = cache / "models" / "refs" / "hf-hub--test--FuseLIP-tiny@main"
+    ref.write_text(json.dumps({"folder": folder.name, "repo": TINY, "revision": "v2"}))
+    assert cached(f"hf-hub:{TINY}") is None  # a ref written for another revision is not this one's
+    ref.write_text(json.dumps({"folder": "../../etc", "repo": TINY, "revision": "main"}))
+    assert cached(f"hf-hub:{TINY}") is None
+    ref.write_text(json.dumps({"folder": folder.name, "repo": TINY, "revision": "main"}))
+    assert cached(f"hf-hub:{TINY}") == folder
+    provenance = json.loads((folder / "pulled.json").read_text())
+    (folder / "pulled.json").write_text(json.dumps(provenance | {"format": 1}))
+    assert cached(f"hf-hub:{TINY}") is None  # converted by an older version: converted again on the next pull
+
+
+@pytest.mark.slow  # uses the shared pull
+def test_a_pull_with_the_hub_unreachable_keeps_the_cached_copy(pulled):
+    proc = cli(pulled["env"], "models", "pull", f"hf-hub:{TINY}")  # the hub is stopped: a closed port
+    folder = pulled["tmp"] / "cache" / "models" / f"hf-hub--test--FuseLIP-tiny@{sha(1)}"
+    assert proc.returncode == 0, proc.stderr
+    assert str(folder) in proc.stdout and "cannot be reached; the cached" in proc.stderr
+
+
+@pytest.mark.slow  # CLI runs against the loopback hub
+def test_an_index_found_again_by_its_released_name_in_a_moved_cache(pulled, tmp_path):
+    """The index records the checkpoint folder; with the cache moved elsewhere, search loads the model by the name
+    the index records (the commit it was built with), from the new cache, offline."""
+    corpus = tiny_corpus(tmp_path / "corpus")
+    env = pulled["env"] | {"HF_HUB_OFFLINE": "1", "RETRIEVAL_CACHE": str(tmp_path / "first")}
+    shutil.copytree(pulled["tmp"] / "cache", tmp_path / "first")
+    proc = cli(env, "index", "build", corpus, "--model", f"hf-hub:{TINY}", "--out", tmp_path / "idx", "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    proc = cli(env | {"RETRIEVAL_CACHE": str(tmp_path / "moved")}, "search", "--index", tmp_path / "idx",
+               "--text", "the red cat", "-k", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(hit["id"] for hit in json.loads(proc.stdout)) == ["0", "1", "2", "t"]
+
+
+@pytest.mark.slow  # CLI runs against the loopback hub
+def test_concurrent_pulls_of_one_model_convert_it_once(tmp_path):
+    hub = Hub({TINY: (sha(1), official_files()), CLIP_REPO: (sha(2), clip_files(tmp_path / "clip"))})
+    try:
+        env = hub_env(tmp_path, hub.url)
+        runs = [subprocess.Popen([str(RETRIEVAL), "models", "pull", f"hf-hub:{TINY}"], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+        outputs = [run.communicate(timeout=300) for run in runs]
+    finally:
+        hub.stop()
+    assert [run.returncode for run in runs] == [0, 0, 0], [err for _, err in outputs]
+    models = tmp_path / "cache" / "models"
+    assert [p.name for p in models.iterdir() if "@" in p.name] == [f"hf-hub--test--FuseLIP-tiny@{sha(1)}"]
+    assert all(str(models / f"hf-hub--test--FuseLIP-tiny@{sha(1)}") in out for out, _ in outputs)
+
+
+@pytest.mark.slow  # a CLI run against the loopback hub
+def test_a_missing_tokenizer_repository_is_named(tmp_path):
+    hub = Hub({TINY: (sha(1), official_files())})  # no CLIP BPE repository
+    try:
+        line = one_error_line(cli(hub_env(tmp_path, hub.url), "models", "pull", f"hf-hub:{TINY}"))
+    finally:
+        hub.stop()
+    assert f"no repository {CLIP_REPO} on " in line and line.startswith(f"error: hf-hub:{TINY}: ")
 
 
 @needs_strace

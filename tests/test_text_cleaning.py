@@ -27,6 +27,8 @@ TEXTS = [
     "a <|endoftext|> b <|startoftext|> c",
     "a [MASK] b <|mask|> c",
     "a <start_of_text> b <END_OF_TEXT> c",
+    "x.<|endoftext|> y!<end_of_text> z",  # after punctuation a special is part of the punctuation run: plain text
+    "a<|endoftext|>b c<end_of_text>d",  # after a letter it is matched
     "it's 2 o'clock, isn't it?!",
 ]
 
@@ -108,3 +110,29 @@ def test_cleaning_changes_what_it_must_and_survives_a_save(clip_bpe, tmp_path):
 def test_our_own_bpe_gets_the_same_cleaning():
     own = TextTokenizer.load("retrieval/checkpoints/tokenizers", OWN_IDS)
     assert own.pieces("A RED&amp;amp;blue  ＣＩＲＣＬＥ") == own.pieces("a red&blue circle")
+
+
+def test_a_clip_bpe_saved_without_the_official_split_is_refused(clip_bpe, tmp_path):
+    """A tokenizer.json written by an import before the official word split (a plain byte-level pre-tokenizer)
+    would give other ids: loading it says to import again instead."""
+    from tokenizers import pre_tokenizers
+
+    from retrieval import RetrievalError
+
+    folder, _ = clip_bpe
+    tokenizer = TextTokenizer.from_clip_files(folder, mask=True)
+    tokenizer.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.save(tmp_path)
+    with pytest.raises(RetrievalError, match="written by an older import.*import the checkpoint again"):
+        TextTokenizer.load(tmp_path, tokenizer.ids)
+
+
+def test_our_own_bpe_learns_from_cleaned_texts():
+    """Trained on what `pieces` will see: an escaped entity never becomes a learnt piece, the word it hides does."""
+    from retrieval.text_tokenizer import train_bpe
+
+    own = train_bpe(["Tom &amp;amp; Jerry&#39;s  ＦＩＳＨ"] * 50, vocab_size=400)
+    vocab = own.backend.get_vocab()
+    assert not any("amp" in piece or "#39" in piece for piece in vocab)
+    assert own.pieces("tom & jerry's fish") == own.pieces("Tom &amp;amp; Jerry&#39;s  ＦＩＳＨ")
+    assert len(own.pieces("tom & jerry's fish")) <= 6  # each word learnt whole: tom, &, jerry, ', s, fish

@@ -8,7 +8,8 @@ from functools import cache
 from pathlib import Path
 
 from retrieval.encoders.base import Encoder, EncoderConfig
-from retrieval.encoders.families import Pretrained, families, family
+from retrieval.encoders.families import families, family
+from retrieval.encoders.pretrained import Pretrained
 from retrieval.errors import RetrievalError
 from retrieval.files import read_json
 
