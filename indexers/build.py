@@ -12,7 +12,7 @@ import numpy as np
 
 from indexers.errors import IndexerError
 from indexers.gpu import resolve_faiss_device, to_cpu, to_gpu
-from indexers.ground_truth import Batches, ann_recall, exact_search
+from indexers.ground_truth import TRUTH_MARGIN, Batches, Recall, Rescore, exact_search, recall_at_k, rescorer
 from indexers.kinds import factory_string, tuning
 
 TRAIN_POINTS_PER_LIST = 64
@@ -25,7 +25,7 @@ class BuiltIndex:
     key: str
     factory: str
     params: str
-    ann_recall: float
+    recall: Recall  # on the held-out tuning queries, exact-rescored (`fair`) and plain
     recall_queries: int
     device: str
     seconds: dict[str, float] = field(default_factory=dict)
@@ -60,32 +60,52 @@ def faiss_errors(key: str) -> Iterator[None]:
         raise IndexerError(f"FAISS cannot build index key {key!r}: {reason.split('Error: ')[-1]}") from None
 
 
-def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int, target: float
-         ) -> tuple[str, float]:
-    """Pick the cheapest setting whose k-recall@k on the sample reaches `target` (else the best one)."""
+def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int, target: float,
+         rescore: Rescore | None = None) -> tuple[str, Recall]:
+    """The smallest setting of each knob (in the kind's order, later knobs at their highest meanwhile) whose
+    exact-rescored k-recall@k on the sample reaches `target`: doubling from the lowest value, then bisection
+    between the last value short of it and the first that reaches it. Where none does, the highest."""
     import faiss
 
     space = faiss.ParameterSpace()
-    fixed, knob = tuning(index)
-    if knob is None:
-        return fixed, measure(index, queries, truth, k)
-    name, values = knob
-    best = ("", -1.0)
-    for value in values:
-        params = ",".join(filter(None, [fixed, f"{name}={value}"]))
-        space.set_index_parameters(index, params)
-        recall = measure(index, queries, truth, k)
-        if recall > best[1]:
-            best = (params, recall)
-        if recall >= target:
-            break
-    space.set_index_parameters(index, best[0])
-    return best
+    knobs = tuning(index, k)
+    chosen = {name: high for name, _, high in knobs}
+    measured: dict[str, Recall] = {}
+
+    def recall_with(values: dict[str, int]) -> Recall:
+        params = ",".join(f"{name}={value}" for name, value in values.items())
+        if params not in measured:
+            if params:
+                space.set_index_parameters(index, params)
+            measured[params] = measure(index, queries, truth, k, rescore)
+        return measured[params]
+
+    for name, low, high in knobs:
+        chosen[name] = smallest(lambda value, name=name: recall_with(chosen | {name: value}).fair >= target,
+                                low, high)
+    recall = recall_with(chosen)
+    if chosen:
+        space.set_index_parameters(index, ",".join(f"{name}={value}" for name, value in chosen.items()))
+    return ",".join(f"{name}={value}" for name, value in chosen.items()), recall
 
 
-def measure(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int) -> float:
-    scores, ids = index.search(queries, k)
-    return ann_recall(ids, scores, truth[1], truth[0], k)
+def smallest(reaches: Callable[[int], bool], low: int, high: int) -> int:
+    """The smallest integer in [low, high] for which `reaches` holds (assumed monotone), else `high`."""
+    short, value = None, low
+    while not reaches(value):
+        if value >= high:
+            return high
+        short, value = value, min(2 * value, high)
+    while short is not None and value - short > 1:
+        middle = (short + value) // 2
+        short, value = (short, middle) if reaches(middle) else (middle, value)
+    return value
+
+
+def measure(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int,
+            rescore: Rescore | None = None) -> Recall:
+    _, ids = index.search(queries, k)
+    return recall_at_k(ids, truth[1], truth[0], k, rescore)
 
 
 def held_out(batches: Batches, rows: np.ndarray) -> Batches:
@@ -155,12 +175,12 @@ def _build(batches: Batches, n: int, dim: int, key: str, factory: str, sample_ve
     seconds["add"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    truth = exact_search(queries, others, k)
-    params, recall = tune(index, queries, truth, k, target_recall)
+    truth = exact_search(queries, others, k + TRUTH_MARGIN)
+    params, recall = tune(index, queries, truth, k, target_recall, rescorer(queries, others))
     seconds["tune"] = time.perf_counter() - t
     if len(rows):
         index.add_with_ids(queries, rows)
     if index.ntotal != n:
         raise IndexerError(f"index holds {index.ntotal} vectors but the store has {n}")
-    return BuiltIndex(index=index, key=key, factory=factory, params=params, ann_recall=recall,
+    return BuiltIndex(index=index, key=key, factory=factory, params=params, recall=recall,
                       recall_queries=len(queries), device=device, seconds=seconds, notes=notes)

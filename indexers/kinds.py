@@ -1,7 +1,7 @@
 """What the code knows about each kind of FAISS index, in one table keyed by kind.
 
-For each kind: which factory keys and which FAISS class it is, the knob that trades speed for recall and the
-values tuning tries, the search parameters that carry an id selector, whether it has a GPU version, whether it
+For each kind: which factory keys and which FAISS class it is, the knobs that trade speed for recall and the
+range tuning searches, the search parameters that carry an id selector, whether it has a GPU version, whether it
 keeps ids itself (else it is wrapped in IDMap2) and its bytes per vector. Adding a kind is an entry here and,
 for `auto`, a candidate in choose.py.
 """
@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+Knob = tuple[str, int, int]
 ID_MAP_BYTES = 16  # IDMap2: the id array plus the reverse hash map
 IVF_ID_BYTES = 8  # an IVF list stores each vector's id beside its code
-EF_SEARCH = [16, 32, 64, 128, 256, 512, 1024, 2048]
-NPROBE = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+MAX_EF_SEARCH = 4096
+MAX_K_FACTOR = 64  # a refined index re-ranks k · k_factor candidates exactly
 
 
 def code_bytes(key: str, dim: int) -> float:
@@ -36,8 +37,8 @@ class IndexKind:
     native_ids: bool  # add_with_ids keeps the row ids without an IDMap2
     gpu: bool  # has a classic GPU implementation (index_cpu_to_gpu)
     vector_bytes: Callable[[str, int], float]  # (key, dim) -> resident bytes per vector, before any IDMap2
-    knob: Callable[[Any], tuple[str, list[int]] | None] = lambda inner: None  # (name, values to try)
-    fixed_params: str = ""  # search parameters set whatever the knob
+    # (inner index, k) -> the knobs that trade speed for recall, in tuning order: (name, lowest, highest)
+    knobs: Callable[[Any, int], list[Knob]] = lambda inner, k: []
     selector: Callable[[Any, Any, dict[str, str]], Any] | None = None  # (faiss, selector, knobs) -> params
     selector_under_idmap: bool = True  # the selector's params keep their knob when IDMap2 translates ids
 
@@ -48,30 +49,32 @@ def _refine_bytes(key: str, dim: int) -> float:
     return kind_of_key(base).vector_bytes(base, dim) + code_bytes(refine, dim)
 
 
-def _refine_knob(inner) -> tuple[str, list[int]] | None:
+def _refine_knobs(inner, k: int) -> list[Knob]:
+    """The base index's knob first (tuned with k_factor at its highest), then k_factor."""
     import faiss
 
-    return kind_of_inner(faiss.downcast_index(inner.base_index)).knob(faiss.downcast_index(inner.base_index))
+    base = faiss.downcast_index(inner.base_index)
+    return [*kind_of_inner(base).knobs(base, k), ("k_factor_rf", 1, MAX_K_FACTOR)]
 
 
 KINDS: list[IndexKind] = [
     IndexKind("refine", r".*,Refine\(.*\)", "IndexRefine", native_ids=False, gpu=False, vector_bytes=_refine_bytes,
-              knob=_refine_knob, fixed_params="k_factor_rf=8"),
+              knobs=_refine_knobs),
     IndexKind("flat", r"Flat", "IndexFlat", native_ids=False, gpu=True, vector_bytes=lambda key, dim: 4 * dim,
               selector=lambda faiss, sel, knobs: faiss.SearchParameters(sel=sel)),
     IndexKind("hnsw", r"HNSW\d+.*", "IndexHNSW", native_ids=False, gpu=False,
               vector_bytes=lambda key, dim: code_bytes(key, dim) + 2 * int(re.match(r"HNSW(\d+)", key).group(1)) * 4,
-              knob=lambda inner: ("efSearch", EF_SEARCH),
+              knobs=lambda inner, k: [("efSearch", k, MAX_EF_SEARCH)],
               selector=lambda faiss, sel, knobs: faiss.SearchParametersHNSW(
                   sel=sel, efSearch=int(knobs.get("efSearch", 64)))),
     IndexKind("ivf-fastscan", r"IVF\d+.*,PQ\d+x4fs.*", "IndexIVFPQFastScan", native_ids=True, gpu=False,
               vector_bytes=lambda key, dim: code_bytes(key, dim) + IVF_ID_BYTES,
-              knob=lambda inner: ("nprobe", [p for p in NPROBE if p <= inner.nlist]),
+              knobs=lambda inner, k: [("nprobe", 1, inner.nlist)],
               selector=lambda faiss, sel, knobs: faiss.SearchParametersIVF(
                   sel=sel, nprobe=int(knobs.get("nprobe", 1))), selector_under_idmap=False),
     IndexKind("ivf", r"IVF\d+.*", "IndexIVF", native_ids=True, gpu=True,
               vector_bytes=lambda key, dim: code_bytes(key, dim) + IVF_ID_BYTES,
-              knob=lambda inner: ("nprobe", [p for p in NPROBE if p <= inner.nlist]),
+              knobs=lambda inner, k: [("nprobe", 1, inner.nlist)],
               selector=lambda faiss, sel, knobs: faiss.SearchParametersIVF(
                   sel=sel, nprobe=int(knobs.get("nprobe", 1))), selector_under_idmap=False),
 ]
@@ -115,11 +118,10 @@ def estimate_bytes(key: str, n: int, dim: int) -> int:
     return int(n * (kind_of_key(key).vector_bytes(key, dim) + ids)) + coarse
 
 
-def tuning(index) -> tuple[str, tuple[str, list[int]] | None]:
-    """(the fixed search parameters, the knob and the values to try) of a built index."""
+def tuning(index, k: int) -> list[Knob]:
+    """The knobs of a built index, in tuning order: (name, lowest, highest)."""
     inner = unwrap(index)
-    kind = kind_of_inner(inner)
-    return kind.fixed_params, kind.knob(inner)
+    return kind_of_inner(inner).knobs(inner, k)
 
 
 def selector_params(index, selector, search_params: str | None):

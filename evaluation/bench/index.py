@@ -2,9 +2,10 @@
 
 Every candidate is built with the production code (`indexers.build.build_index`, tuned to the target recall on
 queries sampled from the database, as `retrieval index build` does), then searched side by side in this process
-with held-out queries that are not in the database: build seconds, QPS, ann_recall@k against exact search,
+with held-out queries that are not in the database: build seconds, QPS, recall@k against exact search,
 serialised bytes per vector, and the QPS ratio to exact (Flat) search. The table's "tuned to" column is the
-recall the tuner saw on its in-database queries; "recall@10" is what held-out queries get.
+recall the tuner saw on its in-database queries; "recall@10" is what held-out queries get, every returned id
+judged by its exact score (a tie with the exact 10th is right), and "plain" the share of the exact top-10 ids.
 
 Synthetic data is embedding-like: a rank-`rank` latent with a decaying spectrum and clustered points, mapped into
 `dim` dimensions, plus isotropic noise, L2-normalised. Isotropic random vectors would make every ANN index look
@@ -144,7 +145,7 @@ def bench_index(n: int = 1_000_000, dim: int = 256, store: str | os.PathLike | N
 
     from indexers.build import build_index
     from indexers.choose import choose_index, parse_memory
-    from indexers.ground_truth import ann_recall, exact_search
+    from indexers.ground_truth import TRUTH_MARGIN, exact_search, recall_at_k, rescorer
     from indexers.kinds import estimate_bytes
     from retrieval.search import check_threads
 
@@ -166,7 +167,8 @@ def bench_index(n: int = 1_000_000, dim: int = 256, store: str | os.PathLike | N
         wanted = list(dict.fromkeys(wanted))
         for key in wanted:
             check_key(key, dim)
-        truth_scores, truth_ids = exact_search(eval_queries, batches, k)
+        truth_scores, truth_ids = exact_search(eval_queries, batches, k + TRUTH_MARGIN)
+        rescore = rescorer(eval_queries, batches)
         report: dict[str, Any] = {
             "n": n, "dim": dim, "queries": len(eval_queries), "k": k, "data": data["about"],
             "memory_budget": memory_budget, "target_recall": target_recall, "seed": seed,
@@ -188,12 +190,13 @@ def bench_index(n: int = 1_000_000, dim: int = 256, store: str | os.PathLike | N
             if exact is None:
                 exact = built.index
             qps, exact_qps, scores, ids = side_by_side(built.index, exact, eval_queries, k)
+            recall = recall_at_k(ids, truth_ids, truth_scores, k, rescore)
             report["candidates"].append({
                 "key": key, "auto": key == choice.key, "search_params": built.params,
                 "build_seconds": {name: round(s, 3) for name, s in built.seconds.items()}
                 | {"total": round(sum(built.seconds.values()), 3)},
-                "tune_recall": round(built.ann_recall, 4),
-                f"ann_recall@{k}": round(ann_recall(ids, scores, truth_ids, truth_scores, k), 4),
+                "tune_recall": round(built.recall.fair, 4),
+                f"ann_recall@{k}": round(recall.fair, 4), f"plain_recall@{k}": round(recall.plain, 4),
                 "qps": round(qps, 1), "exact_qps": round(exact_qps, 1), "qps_ratio": round(qps / exact_qps, 2),
                 "bytes_per_vector": round(serialized_bytes(built.index) / n, 1),
             })
@@ -262,7 +265,7 @@ def _bar(report: dict[str, Any]) -> dict[str, Any]:
     k = report["k"]
     if auto is None:
         return {"holds": False, "why": f"the automatic choice {report['auto']['key']} was not measured"}
-    checks = {"ann_recall": auto[f"ann_recall@{k}"] >= BAR["ann_recall"],
+    checks = {"ann_recall": auto[f"plain_recall@{k}"] >= BAR["ann_recall"],
               "qps_ratio": auto["qps_ratio"] >= BAR["qps_ratio"],
               "build_seconds": auto["build_seconds"]["total"] <= BAR["build_seconds"]}
     return {"holds": all(checks.values()), "checks": checks, "at_bar_size": (report["n"], report["dim"]) == (
@@ -281,18 +284,18 @@ def report_lines(report: dict[str, Any]) -> list[str]:
              f"auto choice: {report['auto']['key']} ({report['auto']['reason']}); 1-min load average "
              f"{report['load_average_at_start'][0]:.1f} at start, {report['load_average_at_end'][0]:.1f} at end "
              f"on {report['cpu_count']} cores (QPS: best of 3 rounds, alternating with exact search)", ""]
-    rows = [["index", "build s", "train", "add", "tune", "params", "tuned to", f"recall@{k}", "QPS", "× exact",
-             "bytes/vec"]]
+    rows = [["index", "build s", "train", "add", "tune", "params", "tuned to", f"recall@{k}", "plain", "QPS",
+             "× exact", "bytes/vec"]]
     for c in report["candidates"]:
         s = c["build_seconds"]
         rows.append([c["key"] + (" (auto)" if c["auto"] else ""), f"{s['total']:.1f}", f"{s['train']:.1f}",
                      f"{s['add']:.1f}", f"{s['tune']:.1f}", c["search_params"] or "-", f"{c['tune_recall']:.3f}",
-                     f"{c[f'ann_recall@{k}']:.3f}",
+                     f"{c[f'ann_recall@{k}']:.3f}", f"{c[f'plain_recall@{k}']:.3f}",
                      f"{c['qps']:,.0f}", f"{c['qps_ratio']:.1f}×", f"{c['bytes_per_vector']:.0f}"])
     lines += format_table(rows).splitlines()
     lines += [f"skipped {s['key']}: {s['reason']}" for s in report["skipped"]]
     bar = report["bar"]
-    goal = (f"ann_recall@{k} ≥ {BAR['ann_recall']}, ≥ {BAR['qps_ratio']:.0f}× exact QPS, built in "
+    goal = (f"plain recall@{k} ≥ {BAR['ann_recall']}, ≥ {BAR['qps_ratio']:.0f}× exact QPS, built in "
             f"≤ {BAR['build_seconds']:.0f} s")
     auto = next((c for c in report["candidates"] if c["auto"]), None)
     if auto is None:
@@ -301,6 +304,6 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     verdict = "holds" if bar["holds"] else "fails (" + ", ".join(n for n, ok in bar["checks"].items() if not ok) + ")"
     where = "" if bar["at_bar_size"] else (f" [the bar is set at {BAR['n']:,} × {BAR['dim']} synthetic; "
                                            f"this run is {report['n']:,} × {report['dim']}]")
-    lines.append(f"bar ({goal}): {verdict} for {auto['key']}: recall {auto[f'ann_recall@{k}']:.3f}, "
+    lines.append(f"bar ({goal}): {verdict} for {auto['key']}: plain recall {auto[f'plain_recall@{k}']:.3f}, "
                  f"{auto['qps_ratio']:.1f}× exact, built in {auto['build_seconds']['total']:.1f} s{where}")
     return lines
