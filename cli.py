@@ -26,6 +26,8 @@ app.add_typer(store_app, name="store")
 app.add_typer(bench_app, name="bench")
 
 DEVICE_HELP = "auto | cpu | cuda"
+OPTIMIZE_HELP = ("What --index-key auto picks among the candidates it measures on a sample: latency (the most QPS "
+                 "at the target recall), memory (the smallest) or build (the quickest to build).")
 FUSION_HELP = ("Late-fusion models: how an image and a text become one vector, score | head "
                "(default: score; for search, the index's).")
 # measured with `retrieval bench query` (100k index, 2 cores): composed p50 0.54 ms at 1 thread, 8 ms at 2
@@ -70,6 +72,7 @@ def index_build(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     memory_budget: str = typer.Option("4GB", "--memory-budget"),
     target_recall: float = typer.Option(0.95, "--target-recall", help="ann_recall@10 that tuning aims for."),
+    optimize: str = typer.Option("latency", "--optimize", help=OPTIMIZE_HELP),
     batch_size: int = typer.Option(256, "--batch-size", help="Encoding batch size (corpus SOURCE)."),
     workers: int | None = typer.Option(None, "--workers", help="Encoding loader processes."),
     fusion: str | None = typer.Option(None, "--fusion", help=FUSION_HELP),
@@ -80,7 +83,7 @@ def index_build(
     from retrieval.indexing import build_index_folder
 
     info = build_index_folder(source, out, model=model, index_key=index_key, device=device,
-                              memory_budget=memory_budget, target_recall=target_recall,
+                              memory_budget=memory_budget, target_recall=target_recall, goal=optimize,
                               encode_options={"batch_size": batch_size, "workers": workers, "device": device,
                                               "fusion": fusion, "follow_symlinks": follow_symlinks,
                                               "root_only": root_only})
@@ -480,13 +483,16 @@ def bench_index(
     memory_budget: str = typer.Option("4GB", "--memory-budget"),
     target_recall: float = typer.Option(0.95, "--target-recall"),
     threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
+    optimize: str = typer.Option("latency", "--optimize", help=OPTIMIZE_HELP),
+    compare_hnsw: bool = typer.Option(False, "--compare-hnsw", help="Also HNSW32 tuned to the auto index's recall."),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
-    """Exact search against the automatic index and the other candidates: build s, QPS, ann_recall@10, bytes."""
+    """Exact search against the automatic index and the other candidates: build s, QPS, recall@10, bytes."""
     from evaluation.bench import index
 
     report = index.bench_index(n=n, dim=dim, store=store, keys=keys.split(",") if keys else None, queries=queries,
-                               memory_budget=memory_budget, target_recall=target_recall, threads=threads)
+                               memory_budget=memory_budget, target_recall=target_recall, threads=threads,
+                               goal=optimize, compare_hnsw=compare_hnsw)
     _print_bench(report, index.report_lines(report), json_out)
 
 

@@ -57,32 +57,41 @@ def pq_m_for(dim: int) -> int:
     return 1
 
 
-def choose_index(n: int, dim: int, memory_budget: int, gpu: bool = False) -> IndexChoice:
-    """Exact for small stores; HNSW while it builds fast; then IVF-SQ8, or IVF-PQ when memory demands.
+def candidates(n: int, dim: int, memory_budget: int, gpu: bool = False) -> list[IndexChoice]:
+    """The keys `auto` considers at full size, in the order of the fallback ladder, that fit `memory_budget`.
 
-    Beyond HNSW's range the choice is IVF with 8-bit scalar-quantised vectors rather than IVF-Flat. Measured at
-    1M × 256 on 2 cores (`retrieval bench index`, held-out queries): IVF4096,SQ8 scans about 2.2× faster than
-    IVF4096,Flat at the same nprobe (IVF-Flat is memory-bound), in a quarter of the memory, for ≤ 0.005 less
-    recall: at nprobe=64, 0.965 ann_recall@10 at 10-11× exact QPS against 0.970 at 4.2×, built in about 42 s
-    (HNSW32 took 94-105 s on a quiet machine, up to 150 s under load).
+    Exact search alone up to EXACT_MAX vectors (and on a GPU) while it fits; otherwise HNSW with flat or SQ8 storage
+    while its graph builds fast (n · dim ≤ HNSW_MAX_WORK), IVF-SQ8, IVF-SQ8 with an HNSW coarse quantiser (for
+    many lists), IVF-PQ fast-scan refined by SQ8, and IVF-PQ fast-scan alone, the most compressed. select.py
+    measures them on a sample; `choose_index` takes the first.
     """
     if n <= 0:
         raise IndexerError("cannot build an index over an empty store")
-    nlist = nlist_for(n)
-    m = pq_m_for(dim)
-    candidates = []
-    if n <= EXACT_MAX or gpu:
-        candidates.append(("Flat", f"exact search: {n} vectors" + (" on the GPU" if gpu else "")))
-    if n <= hnsw_max(dim) and not gpu:
-        candidates.append((f"HNSW{HNSW_M}", f"{n} vectors fit in memory and build fast: HNSW graph, no training"))
-    candidates += [
-        (f"IVF{nlist},SQ8", f"{n} vectors: inverted lists over {nlist} clusters, 8-bit scalar-quantised vectors"),
-        (f"IVF{nlist},PQ{m}x4fs", "memory-bound: PQ fast-scan codes only"),
-    ]
-    for key, reason in candidates:
-        size = estimate_bytes(key, n, dim)
-        if size <= memory_budget:
-            return IndexChoice(key, size, reason)
-    smallest = estimate_bytes(candidates[-1][0], n, dim)
-    raise IndexerError(f"memory budget of {memory_budget / 2**20:.0f} MiB is too small for {n} vectors of "
-                         f"dimension {dim}: the most compressed index needs about {smallest / 2**20:.0f} MiB")
+    nlist, m = nlist_for(n), pq_m_for(dim)
+    exact = IndexChoice("Flat", estimate_bytes("Flat", n, dim), f"exact search: {n} vectors"
+                        + (" on the GPU" if gpu else ""))
+    if (n <= EXACT_MAX or gpu) and exact.bytes <= memory_budget:
+        return [exact]
+    ladder = []
+    if EXACT_MAX < n <= hnsw_max(dim) and not gpu:
+        ladder += [(f"HNSW{HNSW_M}", "HNSW graph over the vectors, no training"),
+                   (f"HNSW{HNSW_M}_SQ8", "HNSW graph over 8-bit scalar-quantised vectors")]
+    ladder.append((f"IVF{nlist},SQ8", f"inverted lists over {nlist} clusters, 8-bit scalar-quantised vectors"))
+    if nlist >= 1024 and not gpu:
+        ladder.append((f"IVF{nlist}_HNSW{HNSW_M},SQ8", f"the same with an HNSW graph over the {nlist} centroids"))
+    if not gpu:
+        ladder.append((f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)", "PQ fast-scan codes, re-ranked by 8-bit vectors"))
+    ladder.append((f"IVF{nlist},PQ{m}x4fs", "PQ fast-scan codes only: the most compressed"))
+    fits = [IndexChoice(key, estimate_bytes(key, n, dim), reason) for key, reason in ladder
+            if estimate_bytes(key, n, dim) <= memory_budget]
+    if not fits:
+        smallest = min(estimate_bytes(key, n, dim) for key, _ in ladder)
+        raise IndexerError(f"memory budget of {memory_budget / 2**20:.0f} MiB is too small for {n} vectors of "
+                           f"dimension {dim}: the most compressed index needs about {smallest / 2**20:.0f} MiB")
+    return fits
+
+
+def choose_index(n: int, dim: int, memory_budget: int, gpu: bool = False) -> IndexChoice:
+    """The first candidate the budget allows, unmeasured: exact for small stores; HNSW while it builds fast;
+    then IVF-SQ8, or IVF-PQ when memory demands (select.py measures instead, where there is a choice)."""
+    return candidates(n, dim, memory_budget, gpu)[0]

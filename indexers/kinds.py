@@ -26,7 +26,7 @@ def code_bytes(key: str, dim: int) -> float:
     pq = re.search(r"(^|,)PQ(\d+)(?:x(\d+))?", key)
     if pq:
         return math.ceil(int(pq.group(2)) * int(pq.group(3) or 8) / 8)
-    return dim if re.search(r"(^|,)SQ8(,|$)", key) else 4 * dim
+    return dim if re.search(r"(^|,|_)SQ8(,|$)", key) else 4 * dim
 
 
 @dataclass(frozen=True)

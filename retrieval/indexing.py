@@ -66,10 +66,11 @@ def open_source(source: str | os.PathLike, out: Path, model: str | None, encode_
 def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
                        index_key: str = "auto", device: str = "auto", memory_budget: str = "4GB",
                        target_recall: float = 0.95, progress: bool = True,
-                       encode_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                       encode_options: dict[str, Any] | None = None, goal: str = "latency") -> dict[str, Any]:
     """Build an index folder and return what index.json records."""
     from indexers.build import check_index_key
     from indexers.choose import parse_memory
+    from indexers.select import check_goal
     from retrieval.encode import check_encode_options
 
     out = Path(out)
@@ -77,24 +78,26 @@ def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model:
     if not 0 < target_recall <= 1:  # also refuses NaN
         raise RetrievalError(f"--target-recall must be in (0, 1], got {target_recall}")
     parse_memory(memory_budget)
+    check_goal(goal)
     if index_key != "auto":
         check_index_key(index_key)
     check_encode_options(**encode_options)
     check_out_folder(out, "an index folder", is_index_folder)
     with folder_lock(out, "index build"):
         return _build(source, out, model, index_key, device, memory_budget, target_recall, progress,
-                      encode_options)
+                      encode_options, goal)
 
 
 def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: str, device: str,
-           memory_budget: str, target_recall: float, progress: bool, encode_options: dict[str, Any]
-           ) -> dict[str, Any]:
+           memory_budget: str, target_recall: float, progress: bool, encode_options: dict[str, Any],
+           goal: str) -> dict[str, Any]:
     import faiss
 
     from indexers.build import build_index
-    from indexers.choose import IndexChoice, choose_index, parse_memory
+    from indexers.choose import IndexChoice, parse_memory
     from indexers.gpu import resolve_faiss_device
     from indexers.kinds import estimate_bytes
+    from indexers.select import SAMPLE, select_index
 
     started = time.perf_counter()
     clear_leftovers(out)
@@ -107,8 +110,10 @@ def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: s
     budget = parse_memory(memory_budget)
     notes: list[str] = []
     gpu = resolve_faiss_device(device, notes) == "cuda"
+    trials = []
     if index_key == "auto":
-        choice = choose_index(n, dim, budget, gpu=gpu)
+        selection = select_index(store.sample(SAMPLE, seed=3)[1], n, dim, budget, target_recall, goal=goal, gpu=gpu)
+        choice, trials = selection.choice, [t.to_dict() for t in selection.trials]
     else:
         choice = IndexChoice(index_key, estimate_bytes(index_key, n, dim), "given with --index-key")
     recall_rows, recall_queries = store.sample(RECALL_QUERIES, seed=2)
@@ -125,6 +130,7 @@ def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: s
         "index_key": choice.key,
         "factory": built.factory,
         "choice": choice.reason,
+        "candidates": trials,  # what `auto` measured on a sample before choosing
         "search_params": built.params,
         "metric": "inner_product",
         "count": n,

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-import evaluation.bench.index as index_bench
+import indexers.select as select
 from evaluation.bench.index import (
     DATABASE,
     QUERIES,
@@ -32,13 +32,13 @@ N, DIM = 20_000, 32
 def quick_timing():
     """One timed run per round is enough here: these tests check values, never speed."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(index_bench, "MIN_SECONDS", 0.0)
+        mp.setattr(select, "MIN_SECONDS", 0.0)
         yield
 
 
 @pytest.fixture(scope="module")
 def report(quick_timing):
-    return bench_index(n=N, dim=DIM, queries=100, memory_budget="1GB", progress=False)
+    return bench_index(n=N, dim=DIM, queries=100, memory_budget="1GB", compare_hnsw=True, progress=False)
 
 
 @pytest.mark.slow
@@ -46,7 +46,7 @@ def test_report_has_every_candidate_with_sane_values(report):
     auto = choose_index(N, DIM, parse_memory("1GB")).key
     assert report["auto"]["key"] == auto and report["auto"]["reason"]
     keys = [c["key"] for c in report["candidates"]]
-    assert keys == candidate_keys(N, DIM, auto) and keys[0] == "Flat"
+    assert keys[:-1] == candidate_keys(N, DIM, auto) and keys[0] == "Flat" and keys[-1] == "HNSW32"
     assert any(k.startswith("HNSW") for k in keys) and any(k.endswith(",Flat") and "IVF" in k for k in keys)
     assert any("PQ" in k and "Refine" in k for k in keys)
     assert report["skipped"] == []
@@ -57,7 +57,7 @@ def test_report_has_every_candidate_with_sane_values(report):
         assert set(c["build_seconds"]) >= {"train", "add", "tune", "total"}
         assert all(s >= 0 for s in c["build_seconds"].values())
         assert c["bytes_per_vector"] > 0
-        assert c["auto"] == (c["key"] == auto)
+        assert c["auto"] == (c["key"] == auto and not c["hnsw_baseline"])
     flat = report["candidates"][0]
     assert flat["ann_recall@10"] == 1.0 and flat["qps_ratio"] == 1.0 and flat["search_params"] == ""
     # float32 vectors plus the id map's ids, and a little header
@@ -75,8 +75,13 @@ def test_report_lines_show_the_table_and_the_bar(report):
         assert c["key"] in text
     assert "recall@10" in text and "× exact" in text and "bytes/vec" in text
     assert f"{report['auto']['key']} (auto)" in text
+    baseline = next(c for c in report["candidates"] if c["hnsw_baseline"])  # --compare-hnsw
+    auto = next(c for c in report["candidates"] if c["auto"])
+    assert baseline["key"] == "HNSW32" and baseline["target_recall"] == auto["ann_recall@10"]
+    assert "HNSW32 (at auto's recall)" in text
     bar = lines[-1]
     assert bar.startswith("bar (") and ("holds" in bar or "fails" in bar)
+    assert f"{auto['qps'] / baseline['qps']:.2f}× HNSW32" in bar
     assert "this run is 20,000 × 32" in bar  # not the bar's size: said so
 
 
