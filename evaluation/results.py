@@ -43,9 +43,10 @@ def write_results(out: str | os.PathLike = "docs", models: tuple[str, ...] = BUN
              f"`rerank@{rerank}` row for SPARC's fine-grained re-ranking of text → image.", "",
              "![eval](results-eval.png)", "", eval_tables(report.markdown(evaluation)), ""]
     if bench:
-        index_report = index_bench.bench_index(n=index_n, progress=progress)
+        index_report = index_bench.bench_index(n=index_n, compare_hnsw=True, progress=progress)
         parts += ["## ANN fidelity and speed", "",
-                  f"`retrieval bench index --n {index_n}` (embedding-like synthetic vectors; exact search is the "
+                  f"`retrieval bench index --n {index_n} --compare-hnsw` (embedding-like synthetic vectors; exact "
+                  "search is the "
                   "baseline, measured in the same process):", "", "```",
                   *index_bench.report_lines(index_report), "```", ""]
         parts += ["## Encoding throughput", "",
