@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ import numpy as np
 from indexers.errors import IndexerError
 from indexers.gpu import resolve_faiss_device, to_cpu, to_gpu
 from indexers.ground_truth import TRUTH_MARGIN, Batches, Recall, Rescore, exact_search, recall_at_k, rescorer
-from indexers.kinds import factory_string, tuning
+from indexers.kinds import Knob, factory_string, tuning
 
 TRAIN_POINTS_PER_LIST = 64
 MAX_TRAIN = 256_000
@@ -60,33 +61,73 @@ def faiss_errors(key: str) -> Iterator[None]:
         raise IndexerError(f"FAISS cannot build index key {key!r}: {reason.split('Error: ')[-1]}") from None
 
 
+def training_points(n: int, lists: int) -> int:
+    """How many vectors an index with `lists` IVF lists (1 for none) is trained on, out of n."""
+    return min(n, MAX_TRAIN, max(TRAIN_POINTS_PER_LIST * lists, 10_000))
+
+
 def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int, target: float,
          rescore: Rescore | None = None) -> tuple[str, Recall]:
-    """The smallest setting of each knob (in the kind's order, later knobs at their highest meanwhile) whose
-    exact-rescored k-recall@k on the sample reaches `target`: doubling from the lowest value, then bisection
-    between the last value short of it and the first that reaches it. Where none does, the highest."""
+    """The cheapest setting of the index's knobs whose exact-rescored k-recall@k on the sample reaches `target`.
+
+    One knob: its smallest value that reaches the target (doubling from the lowest, then bisection between the
+    last value short of it and the first that reaches it; the highest where none does). Two (a refined index's
+    base knob and k_factor_rf; an IVF's nprobe and its HNSW quantiser's efSearch): the first knob's smallest
+    value with the second at its highest, and 1.5, 2 and 4 times that, each with the second's smallest value
+    that reaches the target; of these pairs the one that searches fastest, since one knob at its minimum can force
+    the other to a costly corner. Any further knob is then minimised on its own.
+    """
     import faiss
 
     space = faiss.ParameterSpace()
     knobs = tuning(index, k)
-    chosen = {name: high for name, _, high in knobs}
     measured: dict[str, Recall] = {}
 
+    def params_of(values: dict[str, int]) -> str:
+        return ",".join(f"{name}={value}" for name, value in values.items())
+
     def recall_with(values: dict[str, int]) -> Recall:
-        params = ",".join(f"{name}={value}" for name, value in values.items())
+        params = params_of(values)
         if params not in measured:
             if params:
                 space.set_index_parameters(index, params)
             measured[params] = measure(index, queries, truth, k, rescore)
         return measured[params]
 
-    for name, low, high in knobs:
-        chosen[name] = smallest(lambda value, name=name: recall_with(chosen | {name: value}).fair >= target,
-                                low, high)
+    def least(values: dict[str, int], knob: Knob) -> int:
+        name, low, high = knob
+        return smallest(lambda value: recall_with(values | {name: value}).fair >= target, low, high)
+
+    chosen = {name: high for name, _, high in knobs}
+    if knobs:
+        first = knobs[0]
+        chosen[first[0]] = least(chosen, first)
+    if len(knobs) > 1:
+        (name, _, high), second = first, knobs[1]
+        pairs = []
+        for value in sorted({chosen[name], *(min(high, math.ceil(f * chosen[name])) for f in (1.5, 2, 4))}):
+            at = chosen | {name: value}
+            pairs.append(at | {second[0]: least(at, second)})
+        reaching = [p for p in pairs if recall_with(p).fair >= target]
+        reaching = reaching or [max(pairs, key=lambda p: recall_with(p).fair)]
+        chosen = min(reaching, key=lambda p: search_seconds(index, space, params_of(p), queries, k))
+    for knob in knobs[2:]:
+        chosen[knob[0]] = least(chosen, knob)
     recall = recall_with(chosen)
     if chosen:
-        space.set_index_parameters(index, ",".join(f"{name}={value}" for name, value in chosen.items()))
-    return ",".join(f"{name}={value}" for name, value in chosen.items()), recall
+        space.set_index_parameters(index, params_of(chosen))
+    return params_of(chosen), recall
+
+
+def search_seconds(index, space, params: str, queries: np.ndarray, k: int) -> float:
+    """The best of two timings of one batch search of `queries` at `params`."""
+    space.set_index_parameters(index, params)
+    timings = []
+    for _ in range(2):
+        start = time.perf_counter()
+        index.search(queries, k)
+        timings.append(time.perf_counter() - start)
+    return min(timings)
 
 
 def smallest(reaches: Callable[[int], bool], low: int, high: int) -> int:
@@ -160,7 +201,7 @@ def _build(batches: Batches, n: int, dim: int, key: str, factory: str, sample_ve
             lists = faiss.extract_index_ivf(index).nlist
         except RuntimeError:  # trained, but not an IVF (PQ, LSH, OPQ before a flat index)
             lists = 1
-        want = min(n, MAX_TRAIN, max(TRAIN_POINTS_PER_LIST * lists, 10_000))
+        want = training_points(n, lists)
         if want < lists:
             raise IndexerError(f"{n} vectors are too few to train {lists} clusters; use a smaller IVF")
         index.train(np.ascontiguousarray(sample_vectors(want), dtype=np.float32))

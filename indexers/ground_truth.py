@@ -19,6 +19,8 @@ def exact_search(queries: np.ndarray, batches: Batches, k: int) -> tuple[np.ndar
 
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     for ids, vectors in batches():
+        if not len(ids):  # every row of it held out
+            continue
         flat = faiss.IndexFlatIP(vectors.shape[1])
         flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
         scores, positions = flat.search(queries, min(k, len(ids)))
@@ -33,16 +35,24 @@ def exact_search(queries: np.ndarray, batches: Batches, k: int) -> tuple[np.ndar
 
 
 def rescorer(queries: np.ndarray, batches: Batches) -> Rescore:
-    """Exact scores of (query row, id) pairs, read from the vectors themselves in one pass over the batches."""
+    """Exact scores of (query row, id) pairs, read from the vectors themselves in one pass over the batches for
+    the pairs not scored before (tuning asks about much the same ids at every setting)."""
+    known: dict[tuple[int, int], float] = {}
+
     def rescore(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        out = np.full(len(ids), -np.inf, dtype=np.float32)
-        for batch_ids, vectors in batches():
-            hit = np.flatnonzero(np.isin(ids, batch_ids))
-            if len(hit):
-                order = np.argsort(batch_ids)
-                at = order[np.searchsorted(batch_ids, ids[hit], sorter=order)]
-                out[hit] = np.einsum("ij,ij->i", queries[rows[hit]], np.asarray(vectors, dtype=np.float32)[at])
-        return out
+        new = [j for j, pair in enumerate(zip(rows.tolist(), ids.tolist())) if pair not in known]
+        if new:
+            wanted_rows, wanted = rows[new], ids[new]
+            found = np.full(len(new), -np.inf, dtype=np.float32)
+            for batch_ids, vectors in batches():
+                hit = np.flatnonzero(np.isin(wanted, batch_ids))
+                if len(hit):
+                    order = np.argsort(batch_ids)
+                    at = order[np.searchsorted(batch_ids, wanted[hit], sorter=order)]
+                    found[hit] = np.einsum("ij,ij->i", queries[wanted_rows[hit]],
+                                           np.asarray(vectors, dtype=np.float32)[at])
+            known.update(zip(zip(wanted_rows.tolist(), wanted.tolist()), found.tolist()))
+        return np.array([known[pair] for pair in zip(rows.tolist(), ids.tolist())], dtype=np.float32)
     return rescore
 
 

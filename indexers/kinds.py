@@ -49,6 +49,14 @@ def _refine_bytes(key: str, dim: int) -> float:
     return kind_of_key(base).vector_bytes(base, dim) + code_bytes(refine, dim)
 
 
+def _ivf_knobs(inner, k: int) -> list[Knob]:
+    """nprobe, and the efSearch of an HNSW coarse quantiser, which decides which lists nprobe finds."""
+    import faiss
+
+    hnsw = isinstance(faiss.downcast_index(inner.quantizer), faiss.IndexHNSW)
+    return [("nprobe", 1, inner.nlist), *([("quantizer_efSearch", 16, MAX_EF_SEARCH)] if hnsw else [])]
+
+
 def _refine_knobs(inner, k: int) -> list[Knob]:
     """The base index's knob first (tuned with k_factor at its highest), then k_factor."""
     import faiss
@@ -69,12 +77,12 @@ KINDS: list[IndexKind] = [
                   sel=sel, efSearch=int(knobs.get("efSearch", 64)))),
     IndexKind("ivf-fastscan", r"IVF\d+.*,PQ\d+x4fs.*", "IndexIVFPQFastScan", native_ids=True, gpu=False,
               vector_bytes=lambda key, dim: code_bytes(key, dim) + IVF_ID_BYTES,
-              knobs=lambda inner, k: [("nprobe", 1, inner.nlist)],
+              knobs=_ivf_knobs,
               selector=lambda faiss, sel, knobs: faiss.SearchParametersIVF(
                   sel=sel, nprobe=int(knobs.get("nprobe", 1))), selector_under_idmap=False),
     IndexKind("ivf", r"IVF\d+.*", "IndexIVF", native_ids=True, gpu=True,
               vector_bytes=lambda key, dim: code_bytes(key, dim) + IVF_ID_BYTES,
-              knobs=lambda inner, k: [("nprobe", 1, inner.nlist)],
+              knobs=_ivf_knobs,
               selector=lambda faiss, sel, knobs: faiss.SearchParametersIVF(
                   sel=sel, nprobe=int(knobs.get("nprobe", 1))), selector_under_idmap=False),
 ]

@@ -4,18 +4,20 @@ recall (`goal` "latency"), the smallest ("memory") or the quickest to build ("bu
 
 The sample stands for the whole store: IVF keys are built with the list count `nlist_for` gives the sample, so
 lists hold as many vectors as they will at full size relative to √n, and the full-size build time is the
-sample's, scaled by n / sample. What was tried, with its recall, QPS and build seconds, goes into index.json.
+sample's, scaled as k-means and adding grow (`full_build_seconds`). What was tried, with its recall, QPS and
+build seconds, goes into index.json.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from indexers.build import MAX_TRAIN, faiss_errors, tune
+from indexers.build import faiss_errors, training_points, tune
 from indexers.choose import IndexChoice, candidates, nlist_for
 from indexers.errors import IndexerError
 from indexers.ground_truth import TRUTH_MARGIN, exact_search, rescorer
@@ -36,6 +38,7 @@ class Trial:
     qps: float  # batch search of the sample queries, best of two timings
     build_seconds: float  # the sample's train + add, scaled to the full size
     bytes: int  # estimated at full size
+    error: str = ""  # why it could not be measured (then it is never chosen)
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -76,9 +79,13 @@ def pick(trials: list[Trial], target: float, goal: str = "latency") -> tuple[Tri
     """The winner among measured trials, and why: of those reaching `target`, the fastest, smallest or quickest
     to build; when none does, the one with the highest recall."""
     check_goal(goal)
-    reaching = [t for t in trials if t.recall >= target]
+    reaching = [t for t in trials if t.recall >= target and not t.error]
     if not reaching:
-        best = max(trials, key=lambda t: t.recall)
+        measured = [t for t in trials if not t.error]
+        if not measured:
+            raise IndexerError("no candidate index could be built on the sample: "
+                               + "; ".join(f"{t.key}: {t.error}" for t in trials))
+        best = max(measured, key=lambda t: t.recall)
         return best, f"no candidate reached recall {target} on the sample; {best.key} came closest ({best.recall:.3f})"
     order = {"latency": lambda t: (-t.qps, t.bytes), "memory": lambda t: (t.bytes, -t.qps),
              "build": lambda t: (t.build_seconds, -t.qps)}[goal]
@@ -98,9 +105,10 @@ def select_index(sample: np.ndarray, n: int, dim: int, memory_budget: int, targe
     options = candidates(n, dim, memory_budget, gpu)
     if len(options) == 1 or gpu:  # nothing to choose, or timings on this CPU would not speak for the GPU
         return Selection(options[0], [])
-    sample = np.ascontiguousarray(sample[:SAMPLE], dtype=np.float32)
+    sample = np.asarray(sample[:SAMPLE], dtype=np.float32)
+    sample = sample[np.random.default_rng(0).permutation(len(sample))]  # queries from all over, not its first rows
     held = min(SAMPLE_QUERIES, len(sample) // 10)
-    queries, base = sample[:held], sample[held:]
+    queries, base = np.ascontiguousarray(sample[:held]), np.ascontiguousarray(sample[held:])
     ids = np.arange(len(base), dtype=np.int64)
 
     def batches():
@@ -108,10 +116,32 @@ def select_index(sample: np.ndarray, n: int, dim: int, memory_budget: int, targe
 
     truth = exact_search(queries, batches, k + TRUTH_MARGIN)
     rescore = rescorer(queries, batches)
-    trials = [_trial(option, base, queries, truth, rescore, n, k, target) for option in options]
+    trials = []
+    for option in options:
+        try:
+            trials.append(_trial(option, base, queries, truth, rescore, n, k, target))
+        except IndexerError as e:  # FAISS refused this one on the sample (too few points to train it): the rest
+            trials.append(Trial(option.key, sample_key(option.key, len(base)), "", 0.0, 0.0, 0.0, option.bytes,
+                                str(e)))
     best, why = pick(trials, target, goal)
     chosen = next(option for option in options if option.key == best.key)
     return Selection(IndexChoice(chosen.key, chosen.bytes, why), trials)
+
+
+def lists_of(key: str) -> int:
+    found = re.search(r"(^|,)IVF(\d+)", key)
+    return int(found.group(2)) if found else 1
+
+
+def full_build_seconds(key: str, built_key: str, train: float, add: float, m: int, n: int) -> float:
+    """The sample's train and add seconds, scaled to n vectors: k-means work grows with lists × training points,
+    adding with the vectors × the lists each is compared with (an HNSW graph: × log n per insertion)."""
+    lists, sample_lists = lists_of(key), lists_of(built_key)
+    train *= (lists * training_points(n, lists)) / (sample_lists * training_points(m, sample_lists))
+    add *= n / m * (lists / sample_lists if "_HNSW" not in key else 1.0)
+    if key.startswith("HNSW") or "_HNSW" in key:
+        add *= math.log(n) / math.log(m)
+    return train + add
 
 
 def _trial(option: IndexChoice, base: np.ndarray, queries: np.ndarray, truth, rescore, n: int, k: int,
@@ -122,13 +152,13 @@ def _trial(option: IndexChoice, base: np.ndarray, queries: np.ndarray, truth, re
     with faiss_errors(key):
         index = faiss.index_factory(base.shape[1], factory_string(key), faiss.METRIC_INNER_PRODUCT)
         start = time.perf_counter()
-        if not index.is_trained:
-            train = base[np.random.default_rng(0).permutation(len(base))[:MAX_TRAIN]]
-            index.train(train)
+        if not index.is_trained:  # as build_index trains it, on as many points for the sample's lists
+            pick_rows = np.random.default_rng(0).permutation(len(base))[:training_points(len(base), lists_of(key))]
+            index.train(base[np.sort(pick_rows)])
         trained = time.perf_counter()
         index.add_with_ids(base, np.arange(len(base), dtype=np.int64))
         added = time.perf_counter()
         params, recall = tune(index, queries, truth, k, target, rescore)
         qps = max(timed_search(index, queries, k)[0] for _ in range(2))
-    build = (trained - start) + (added - trained) * n / len(base)
+    build = full_build_seconds(option.key, key, trained - start, added - trained, len(base), n)
     return Trial(option.key, key, params, recall.fair, qps, build, option.bytes)

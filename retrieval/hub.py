@@ -154,6 +154,9 @@ def hub_errors(w: Wanted, repo: str | None = None, revision: str | None = None) 
         raise RetrievalError(f"{w.model}: no repository {repo} on {constants.ENDPOINT} (a private or gated one "
                              "needs a token: HF_TOKEN or `hf auth login`)") from None
     except errors.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 429 or (isinstance(status, int) and status >= 500):  # busy or down: as good as unreachable
+            raise HubUnreachable(missing_message(w, f"the hub ({constants.ENDPOINT}) answered {status}")) from None
         raise RetrievalError(f"{w.model}: the hub refused a request for {repo}: {first_line(e)}") from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
         raise HubUnreachable(missing_message(w, f"the hub ({constants.ENDPOINT}) cannot be reached")) from None
@@ -191,29 +194,36 @@ def download(repo: str, revision: str, files: tuple[str, ...]) -> Path:
 
 def pull(model: str) -> Path:
     """Download `model` from the hub and convert it, unless its newest commit is converted already; its folder.
-    Offline, or the hub unreachable: the cached folder (with a note), or the error line."""
-    from huggingface_hub import HfApi, constants
+    Offline, or the hub out of reach (no connection, 5xx, 429): the cached folder (with a note), or the error
+    line."""
+    from huggingface_hub import constants
 
     w = wanted(model)
     if w.repo is None or offline():  # nothing to ask the hub: what the cache holds, or the error line
         return cached_checkpoint(model)
     try:
-        with hub_errors(w):
-            info = HfApi().model_info(w.repo, revision=w.revision)
+        return _pull(w)
     except HubUnreachable:
         folder = cached(model)
         if folder is None:
             raise
-        print(f"{model}: the hub ({constants.ENDPOINT}) cannot be reached; the cached {folder.name} is kept",
+        print(f"{model}: the hub ({constants.ENDPOINT}) is out of reach; the cached {folder.name} is kept",
               file=sys.stderr)
         return folder
+
+
+def _pull(w: Wanted) -> Path:
+    from huggingface_hub import HfApi
+
+    with hub_errors(w):
+        info = HfApi().model_info(w.repo, revision=w.revision)
     if not (isinstance(info.sha, str) and COMMIT.fullmatch(info.sha)):
-        raise RetrievalError(f"{model}: the hub gave no commit id for {w.repo}@{w.revision} ({info.sha!r})")
+        raise RetrievalError(f"{w.model}: the hub gave no commit id for {w.repo}@{w.revision} ({info.sha!r})")
     spec = family_of(w, {sibling.rfilename for sibling in info.siblings or []})
     if usable(models_dir() / f"{w.stem}@{info.sha}", w):
         return convert(spec, w, None, None, {}, {}, info.sha)  # converted before: only the ref is written
     # downloads run outside the conversion lock; huggingface_hub locks its own cache
-    provenance = {"model": model, "repo": w.repo, "revision": w.revision, "commit": info.sha}
+    provenance = {"model": w.model, "repo": w.repo, "revision": w.revision, "commit": info.sha}
     with hub_errors(w):
         source = download(w.repo, info.sha, spec.pretrained.files)
     tokenizer = None

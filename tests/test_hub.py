@@ -67,7 +67,7 @@ class Hub:
     the body on their first GET; `log` holds (method, path, Range header) of every request."""
 
     def __init__(self, repos: dict[str, tuple[str, dict[str, bytes]]], cut: set[str] = frozenset()):
-        self.repos, self.cut, self.log = repos, set(cut), []
+        self.repos, self.cut, self.log, self.down = repos, set(cut), [], False
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,6 +90,10 @@ class Hub:
 
             def answer(self, body: bool):
                 hub.log.append((self.command, self.path, self.headers.get("Range")))
+                if hub.down:  # an overloaded hub
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
                 parts = self.path.split("?")[0].strip("/").split("/")
                 if parts[:2] == ["api", "models"] and len(parts) == 6 and parts[4] == "revision":
                     repo = "/".join(parts[2:4])
@@ -410,7 +414,26 @@ def test_a_pull_with_the_hub_unreachable_keeps_the_cached_copy(pulled):
     proc = cli(pulled["env"], "models", "pull", f"hf-hub:{TINY}")  # the hub is stopped: a closed port
     folder = pulled["tmp"] / "cache" / "models" / f"hf-hub--test--FuseLIP-tiny@{sha(1)}"
     assert proc.returncode == 0, proc.stderr
-    assert str(folder) in proc.stdout and "cannot be reached; the cached" in proc.stderr
+    assert str(folder) in proc.stdout and "is out of reach; the cached" in proc.stderr
+
+
+@pytest.mark.slow  # a CLI run against the loopback hub
+def test_a_pull_from_a_hub_answering_503_keeps_the_cached_copy(pulled, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(pulled["tmp"] / "cache", cache)
+    hub = Hub({})
+    hub.down = True
+    try:
+        env = pulled["env"] | {"HF_ENDPOINT": hub.url, "RETRIEVAL_CACHE": str(cache)}
+        proc = cli(env, "models", "pull", f"hf-hub:{TINY}")
+        line = one_error_line(cli(env | {"RETRIEVAL_CACHE": str(tmp_path / "empty")}, "models", "pull",
+                                  f"hf-hub:{TINY}"))
+    finally:
+        hub.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert str(cache / "models" / f"hf-hub--test--FuseLIP-tiny@{sha(1)}") in proc.stdout
+    assert "is out of reach; the cached" in proc.stderr
+    assert "is not in the model cache" in line and "answered 503" in line
 
 
 @pytest.mark.slow  # CLI runs against the loopback hub

@@ -100,3 +100,12 @@ def test_index_json_records_what_auto_measured(shapes_store, tmp_path, monkeypat
     assert recorded["index_key"] in keys and recorded["choice"].startswith(f"{recorded['index_key']}: ")
     assert {"key", "sample_key", "params", "recall", "qps", "build_seconds", "bytes"} <= set(recorded["candidates"][0])
     assert recorded["ann_recall@10"] >= 0.0 and recorded["plain_recall@10"] <= 1.0
+
+
+def test_a_candidate_faiss_refuses_on_the_sample_is_recorded_and_skipped(quick):
+    """15 vectors, a budget exact search does not fit: PQ fast-scan cannot train on 14 points, IVF-SQ8 can."""
+    sample = clustered(15, 32, 2)
+    selection = select_index(sample, 15, 32, 1500, 0.5)
+    failed = [t for t in selection.trials if t.error]
+    assert failed and all("PQ" in t.key and t.qps == 0 for t in failed)
+    assert "SQ8" in selection.choice.key and not selection.choice.key.startswith("Flat")

@@ -264,6 +264,28 @@ def test_the_tuner_stops_at_the_smallest_nprobe_not_the_next_power_of_two(corpus
     assert chosen <= 21
 
 
+@pytest.mark.parametrize("key, second", [("IVF64,PQ16x4fs,Refine(SQ8)", "k_factor_rf"),
+                                         ("IVF64_HNSW32,Flat", "quantizer_efSearch")])
+def test_a_two_knob_index_is_tuned_to_a_pair_whose_second_knob_is_least(corpus_vectors, key, second):
+    """Refined IVF-PQ (nprobe, k_factor_rf) and IVF with an HNSW quantiser (nprobe, quantizer_efSearch): the pair
+    reaches the target, and one less of the second knob would not."""
+    ids, vectors, _ = corpus_vectors
+    index = faiss.index_factory(DIM, factory_string(key), faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add_with_ids(vectors[300:], ids[300:])
+    queries = np.ascontiguousarray(vectors[:300])
+    others = batches_of(ids[300:], vectors[300:], [2000, 3700])
+    truth = exact_search(queries, others, K + 10)
+    assert [name for name, _, _ in tuning(index, K)] == ["nprobe", second]
+    params, recall = tune(index, queries, truth, K, 0.9, rescorer(queries, others))
+    values = dict(p.split("=") for p in params.split(","))
+    assert list(values) == ["nprobe", second] and recall.fair >= 0.9
+    low = int(values[second]) - 1
+    if low >= (1 if second == "k_factor_rf" else 16):
+        faiss.ParameterSpace().set_index_parameters(index, f"nprobe={values['nprobe']},{second}={low}")
+        assert recall_at_k(index.search(queries, K)[1], truth[1], truth[0], K).fair < 0.9
+
+
 def measure_at(index, queries, truth, nprobe):
     faiss.ParameterSpace().set_index_parameters(index, f"nprobe={nprobe}")
     return recall_at_k(index.search(queries, K)[1], truth[1], truth[0], K).fair
