@@ -68,7 +68,8 @@ def training_points(n: int, lists: int) -> int:
 
 def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int, target: float,
          rescore: Rescore | None = None) -> tuple[str, Recall]:
-    """The cheapest setting of the index's knobs whose exact-rescored k-recall@k on the sample reaches `target`.
+    """The cheapest setting of the index's knobs whose exact-rescored k-recall@k on the sample reaches `target`
+    with 95 % confidence (the sample's recall less 1.645 standard errors: new queries should get the target too).
 
     One knob: its smallest value that reaches the target (doubling from the lowest, then bisection between the
     last value short of it and the first that reaches it; the highest where none does). Two (a refined index's
@@ -96,7 +97,7 @@ def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: in
 
     def least(values: dict[str, int], knob: Knob) -> int:
         name, low, high = knob
-        return smallest(lambda value: recall_with(values | {name: value}).fair >= target, low, high)
+        return smallest(lambda value: recall_with(values | {name: value}).reaches(target), low, high)
 
     chosen = {name: high for name, _, high in knobs}
     if knobs:
@@ -108,7 +109,7 @@ def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: in
         for value in sorted({chosen[name], *(min(high, math.ceil(f * chosen[name])) for f in (1.5, 2, 4))}):
             at = chosen | {name: value}
             pairs.append(at | {second[0]: least(at, second)})
-        reaching = [p for p in pairs if recall_with(p).fair >= target]
+        reaching = [p for p in pairs if recall_with(p).reaches(target)]
         reaching = reaching or [max(pairs, key=lambda p: recall_with(p).fair)]
         chosen = min(reaching, key=lambda p: search_seconds(index, space, params_of(p), queries, k))
     for knob in knobs[2:]:

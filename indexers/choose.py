@@ -62,7 +62,8 @@ def candidates(n: int, dim: int, memory_budget: int, gpu: bool = False) -> list[
 
     Exact search alone up to EXACT_MAX vectors (and on a GPU) while it fits; otherwise HNSW with flat or SQ8 storage
     while its graph builds fast (n · dim ≤ HNSW_MAX_WORK), IVF-SQ8, IVF-SQ8 with an HNSW coarse quantiser (for
-    many lists), IVF-PQ fast-scan refined by SQ8, and IVF-PQ fast-scan alone, the most compressed. select.py
+    many lists), IVF-PQ fast-scan refined by SQ8; IVF-PQ fast-scan alone, the most compressed, only where none of
+    these fits. select.py
     measures them on a sample; `choose_index` takes the first.
     """
     if n <= 0:
@@ -81,11 +82,13 @@ def candidates(n: int, dim: int, memory_budget: int, gpu: bool = False) -> list[
         ladder.append((f"IVF{nlist}_HNSW{HNSW_M},SQ8", f"the same with an HNSW graph over the {nlist} centroids"))
     if not gpu:
         ladder.append((f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)", "PQ fast-scan codes, re-ranked by 8-bit vectors"))
-    ladder.append((f"IVF{nlist},PQ{m}x4fs", "PQ fast-scan codes only: the most compressed"))
     fits = [IndexChoice(key, estimate_bytes(key, n, dim), reason) for key, reason in ladder
             if estimate_bytes(key, n, dim) <= memory_budget]
-    if not fits:
-        smallest = min(estimate_bytes(key, n, dim) for key, _ in ladder)
+    if not fits:  # PQ codes alone rarely reach a high recall: the last resort, where nothing else fits
+        key = f"IVF{nlist},PQ{m}x4fs"
+        fits = [IndexChoice(key, estimate_bytes(key, n, dim), "PQ fast-scan codes only: the most compressed")]
+    if fits[0].bytes > memory_budget:
+        smallest = fits[0].bytes
         raise IndexerError(f"memory budget of {memory_budget / 2**20:.0f} MiB is too small for {n} vectors of "
                            f"dimension {dim}: the most compressed index needs about {smallest / 2**20:.0f} MiB")
     return fits

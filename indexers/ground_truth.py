@@ -56,10 +56,23 @@ def rescorer(queries: np.ndarray, batches: Batches) -> Rescore:
     return rescore
 
 
+CONFIDENCE_Z = 1.645  # one-sided 95 %
+
+
 @dataclass(frozen=True)
 class Recall:
     plain: float  # the share of the exact top-k ids returned
     fair: float  # the share of returned ids whose EXACT score reaches the exact k-th score: ties are right too
+    error: float = 0.0  # the standard error of `fair` over the queries
+
+    def reaches(self, target: float) -> bool:
+        return reaches(self.fair, self.error, target)
+
+
+def reaches(recall: float, error: float, target: float) -> bool:
+    """Whether a recall measured with this standard error reaches `target` with 95 % confidence: the queries are a
+    sample of those to come."""
+    return recall - CONFIDENCE_Z * error >= target
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, truth_scores: np.ndarray, k: int,
@@ -98,4 +111,5 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, truth_scores: np.ndarray, 
     if not wants:
         return Recall(1.0, 1.0)
     fair = [min(c, w) / w for c, w in zip(fair_counts, wants)]
-    return Recall(float(np.mean(plain)), float(np.mean(fair)))
+    error = float(np.std(fair, ddof=1) / np.sqrt(len(fair))) if len(fair) > 1 else 0.0
+    return Recall(float(np.mean(plain)), float(np.mean(fair)), error)

@@ -20,7 +20,7 @@ import numpy as np
 from indexers.build import faiss_errors, training_points, tune
 from indexers.choose import IndexChoice, candidates, nlist_for
 from indexers.errors import IndexerError
-from indexers.ground_truth import TRUTH_MARGIN, exact_search, rescorer
+from indexers.ground_truth import TRUTH_MARGIN, exact_search, reaches, rescorer
 from indexers.kinds import factory_string
 
 SAMPLE = 100_000  # vectors the candidates are built on
@@ -39,6 +39,7 @@ class Trial:
     build_seconds: float  # the sample's train + add, scaled to the full size
     bytes: int  # estimated at full size
     error: str = ""  # why it could not be measured (then it is never chosen)
+    recall_error: float = 0.0  # the standard error of `recall` over the sample queries
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -76,10 +77,10 @@ def check_goal(goal: str) -> None:
 
 
 def pick(trials: list[Trial], target: float, goal: str = "latency") -> tuple[Trial, str]:
-    """The winner among measured trials, and why: of those reaching `target`, the fastest, smallest or quickest
-    to build; when none does, the one with the highest recall."""
+    """The winner among measured trials, and why: of those reaching `target` (with 95 % confidence), the fastest,
+    smallest or quickest to build; when none does, the one with the highest recall."""
     check_goal(goal)
-    reaching = [t for t in trials if t.recall >= target and not t.error]
+    reaching = [t for t in trials if reaches(t.recall, t.recall_error, target) and not t.error]
     if not reaching:
         measured = [t for t in trials if not t.error]
         if not measured:
@@ -161,4 +162,4 @@ def _trial(option: IndexChoice, base: np.ndarray, queries: np.ndarray, truth, re
         params, recall = tune(index, queries, truth, k, target, rescore)
         qps = max(timed_search(index, queries, k)[0] for _ in range(2))
     build = full_build_seconds(option.key, key, trained - start, added - trained, len(base), n)
-    return Trial(option.key, key, params, recall.fair, qps, build, option.bytes)
+    return Trial(option.key, key, params, recall.fair, qps, build, option.bytes, recall_error=recall.error)

@@ -184,6 +184,10 @@ def test_recall_counts_misses_and_accepts_exact_ties():
     assert recall_at_k(np.array([[1, 2, 4]]), truth, truth_scores, 3) == Recall(pytest.approx(2 / 3), 1.0)
     # a returned duplicate counts once
     assert recall_at_k(np.array([[1, 1, 2]]), truth, truth_scores, 3).fair == pytest.approx(2 / 3)
+    # over several queries, the standard error of the per-query shares (1, 2/3): std / √n
+    two = recall_at_k(np.array([[1, 2, 3], [1, 2, 9]]), np.repeat(truth, 2, 0), np.repeat(truth_scores, 2, 0), 3)
+    assert two.error == pytest.approx(np.std([1, 2 / 3], ddof=1) / np.sqrt(2))
+    assert two.reaches(two.fair - 1.645 * two.error) and not two.reaches(two.fair - 1.6 * two.error)
 
 
 def test_recall_judges_returned_ids_by_their_exact_scores_not_the_index_scores():
@@ -247,7 +251,8 @@ def test_smallest_finds_the_least_value_that_reaches_the_target(low, high, thres
 
 
 def test_the_tuner_stops_at_the_smallest_nprobe_not_the_next_power_of_two(corpus_vectors):
-    """On an IVF index, every nprobe below the tuned one misses the target and the tuned one reaches it."""
+    """On an IVF index, every nprobe below the tuned one misses the target (with the 95 % confidence margin) and
+    the tuned one reaches it."""
     ids, vectors, _ = corpus_vectors
     index = faiss.index_factory(DIM, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
     index.train(vectors)
@@ -256,11 +261,12 @@ def test_the_tuner_stops_at_the_smallest_nprobe_not_the_next_power_of_two(corpus
     others = batches_of(ids[300:], vectors[300:], [2000, 3700])
     truth = exact_search(queries, others, K + 10)
     nprobe_recall = {p: measure_at(index, queries, truth, p) for p in range(1, 65)}
-    target = nprobe_recall[21] - 1e-9  # a target that only 21 or more reaches, if recall grows with nprobe
+    at21 = nprobe_recall[21]
+    target = at21.fair - 1.645 * at21.error - 1e-9  # one 21 reaches, and with it, if recall grows, every larger
     params, recall = tune(index, queries, truth, K, target, rescorer(queries, others))
     chosen = int(params.removeprefix("nprobe="))
-    assert recall.fair == nprobe_recall[chosen] >= target
-    assert all(nprobe_recall[p] < target for p in range(1, chosen))
+    assert recall == nprobe_recall[chosen] and recall.reaches(target)
+    assert not any(nprobe_recall[p].reaches(target) for p in range(1, chosen))
     assert chosen <= 21
 
 
@@ -279,16 +285,16 @@ def test_a_two_knob_index_is_tuned_to_a_pair_whose_second_knob_is_least(corpus_v
     assert [name for name, _, _ in tuning(index, K)] == ["nprobe", second]
     params, recall = tune(index, queries, truth, K, 0.9, rescorer(queries, others))
     values = dict(p.split("=") for p in params.split(","))
-    assert list(values) == ["nprobe", second] and recall.fair >= 0.9
+    assert list(values) == ["nprobe", second] and recall.reaches(0.9)
     low = int(values[second]) - 1
     if low >= (1 if second == "k_factor_rf" else 16):
         faiss.ParameterSpace().set_index_parameters(index, f"nprobe={values['nprobe']},{second}={low}")
-        assert recall_at_k(index.search(queries, K)[1], truth[1], truth[0], K).fair < 0.9
+        assert not recall_at_k(index.search(queries, K)[1], truth[1], truth[0], K).reaches(0.9)
 
 
 def measure_at(index, queries, truth, nprobe):
     faiss.ParameterSpace().set_index_parameters(index, f"nprobe={nprobe}")
-    return recall_at_k(index.search(queries, K)[1], truth[1], truth[0], K).fair
+    return recall_at_k(index.search(queries, K)[1], truth[1], truth[0], K)
 
 
 # ---------------------------------------------------------------------------------------------- building
