@@ -294,6 +294,10 @@ def _convert(spec: FamilySpec, w: Wanted, source: Path, tokenizer: Path | None, 
                                  "torch.load(weights_only=True) refuses") from None
         except (EOFError, RuntimeError) as e:  # a truncated or corrupt file
             raise RetrievalError(f"cannot import {w.model} from {source}: {first_line(e)}") from None
+        dim = read_json(tmp / "config.json").get("dim")
+        if w.entry and w.entry.dim and dim != w.entry.dim:
+            raise RetrievalError(f"cannot import {w.model}: {source} gives {dim}-dimensional embeddings, but "
+                                 f"{w.model} is registered with {w.entry.dim}; is it the right file?")
         write_json(tmp / PROVENANCE, provenance | {"format": FORMAT})
         target = root / f"{w.stem}@{commit or 'import-' + sha256_file(tmp / 'model.safetensors')[:12]}"
         if usable(target, w):

@@ -81,9 +81,9 @@ def test_official_key_table_matches_the_reference_counts():
     assert shapes["visual.positional_embedding"] == (50, 768) and shapes["visual.proj"] == (768, 512)
 
 
-def random_official_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def random_official_state(seed: int = 0, dim: int = OFF_D) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    shapes = official_shapes(V_W, V_LAYERS, PATCH, IMAGE, T_W, T_LAYERS, OFF_CTX, OFF_C, OFF_D, FDT_VOCAB)
+    shapes = official_shapes(V_W, V_LAYERS, PATCH, IMAGE, T_W, T_LAYERS, OFF_CTX, OFF_C, dim, FDT_VOCAB)
     state = {}
     for key, shape in shapes.items():
         if key in ("logit_scale", "logit_scale_sd"):

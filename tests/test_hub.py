@@ -554,3 +554,26 @@ def test_the_released_names_are_registered_as_data():
 def test_an_unknown_released_name_is_one_error_line(tmp_path):
     line = one_error_line(cli(hub_env(tmp_path), "models", "pull", "fuselip-z-cc99m"))
     assert "'fuselip-z-cc99m' is not a released checkpoint; released: " in line and "fuselip-b-cc12m" in line
+
+
+def test_a_hand_import_under_a_released_name_checks_its_dimension(tmp_path, monkeypatch):
+    """`models import fdt FILE --name fdt-b32-cc3m`: a file of another size is refused by name; one of the
+    registered 512 dimensions lands in the cache, where the name then finds it offline."""
+    from test_fdt_import import random_official_state, save_official
+
+    from retrieval.errors import RetrievalError
+    from retrieval.hub import cached, import_named
+
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    bpe = tmp_path / "clip"
+    bpe.mkdir()
+    write_clip_bpe(bpe)
+    small = save_official(random_official_state(), tmp_path / "small.pth.tar")
+    with pytest.raises(RetrievalError, match="gives 32-dimensional embeddings, but fdt-b32-cc3m is registered "
+                                             "with 512"):
+        import_named("fdt", small, "fdt-b32-cc3m", tokenizer=bpe, options={"temperature": "1000"})
+    assert cached("fdt-b32-cc3m") is None
+    right = save_official(random_official_state(dim=512), tmp_path / "right.pth.tar")
+    folder = import_named("fdt", right, "fdt-b32-cc3m", tokenizer=bpe)  # the registered temperature applies
+    assert cached("fdt-b32-cc3m") == folder and folder.name.startswith("fdt-b32-cc3m@import-")
+    assert json.loads((folder / "config.json").read_text())["model"]["temperature"] == 1000.0

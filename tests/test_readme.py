@@ -111,9 +111,11 @@ def clip_bpe(folder: Path) -> None:
 
 
 def official_fdt(path: Path) -> None:
+    """A reduced random FDT checkpoint with the released model's 512-dimensional embeddings (imported under its
+    registered name, whose dimension is checked)."""
     from test_fdt_import import random_official_state, save_official
 
-    save_official(random_official_state(), path)
+    save_official(random_official_state(dim=512), path)
 
 
 DOWNLOADS: dict[str, Callable[[Path], None]] = {
