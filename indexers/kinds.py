@@ -120,8 +120,8 @@ def factory_string(key: str) -> str:
 def estimate_bytes(key: str, n: int, dim: int) -> int:
     """Rough resident size of an index built with `key` (autofaiss-style estimates): vectors, their ids, IVF
     centroids."""
-    ivf = re.search(r"(^|,)IVF(\d+)", key)
-    coarse = int(ivf.group(2)) * dim * 4 if ivf else 0
+    ivf = re.search(r"(^|,)IVF(\d+)(?:_HNSW(\d+))?", key)
+    coarse = int(ivf.group(2)) * (dim * 4 + 2 * int(ivf.group(3) or 0) * 4) if ivf else 0  # centroids, their graph
     ids = 0 if kind_of_key(key).native_ids else ID_MAP_BYTES
     return int(n * (kind_of_key(key).vector_bytes(key, dim) + ids)) + coarse
 
