@@ -89,6 +89,15 @@ KINDS: list[IndexKind] = [
 OTHER = IndexKind("other", r".*", "Index", native_ids=False, gpu=False, vector_bytes=code_bytes)
 
 
+IVF_KEY = re.compile(r"(^|,)IVF(\d+)(?:_HNSW(\d+))?")  # a key's IVF part: its list count, an HNSW quantiser's M
+
+
+def ivf_lists(key: str) -> int:
+    """The IVF list count a factory key names (1 for a key without IVF)."""
+    found = IVF_KEY.search(key)
+    return int(found.group(2)) if found else 1
+
+
 def kind_of_key(key: str) -> IndexKind:
     """The kind a factory key builds."""
     return next((kind for kind in KINDS if re.fullmatch(kind.key, key)), OTHER)
@@ -120,7 +129,7 @@ def factory_string(key: str) -> str:
 def estimate_bytes(key: str, n: int, dim: int) -> int:
     """Rough resident size of an index built with `key` (autofaiss-style estimates): vectors, their ids, IVF
     centroids."""
-    ivf = re.search(r"(^|,)IVF(\d+)(?:_HNSW(\d+))?", key)
+    ivf = IVF_KEY.search(key)
     coarse = int(ivf.group(2)) * (dim * 4 + 2 * int(ivf.group(3) or 0) * 4) if ivf else 0  # centroids, their graph
     ids = 0 if kind_of_key(key).native_ids else ID_MAP_BYTES
     return int(n * (kind_of_key(key).vector_bytes(key, dim) + ids)) + coarse

@@ -11,7 +11,6 @@ build seconds, goes into index.json.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,7 +20,7 @@ from indexers.build import faiss_errors, training_points, tune
 from indexers.choose import IndexChoice, candidates, nlist_for
 from indexers.errors import IndexerError
 from indexers.ground_truth import TRUTH_MARGIN, exact_search, reaches, rescorer
-from indexers.kinds import factory_string
+from indexers.kinds import IVF_KEY, factory_string, ivf_lists
 
 SAMPLE = 50_000  # vectors the candidates are built on
 SAMPLE_QUERIES = 500  # of them, held out as the tuning and timing queries
@@ -68,7 +67,7 @@ def timed_search(index, queries: np.ndarray, k: int, min_seconds: float | None =
 
 def sample_key(key: str, m: int) -> str:
     """`key` for a sample of m vectors: the IVF list count the sample would get."""
-    return re.sub(r"(^|,)IVF\d+", lambda match: f"{match.group(1)}IVF{nlist_for(m)}", key)
+    return IVF_KEY.sub(lambda match: match.group(0).replace(f"IVF{match.group(2)}", f"IVF{nlist_for(m)}"), key)
 
 
 def check_goal(goal: str) -> None:
@@ -129,15 +128,10 @@ def select_index(sample: np.ndarray, n: int, dim: int, memory_budget: int, targe
     return Selection(IndexChoice(chosen.key, chosen.bytes, why), trials)
 
 
-def lists_of(key: str) -> int:
-    found = re.search(r"(^|,)IVF(\d+)", key)
-    return int(found.group(2)) if found else 1
-
-
 def full_build_seconds(key: str, built_key: str, train: float, add: float, m: int, n: int) -> float:
     """The sample's train and add seconds, scaled to n vectors: k-means work grows with lists × training points,
     adding with the vectors × the lists each is compared with (an HNSW graph: × log n per insertion)."""
-    lists, sample_lists = lists_of(key), lists_of(built_key)
+    lists, sample_lists = ivf_lists(key), ivf_lists(built_key)
     train *= (lists * training_points(n, lists)) / (sample_lists * training_points(m, sample_lists))
     add *= n / m * (lists / sample_lists if "_HNSW" not in key else 1.0)
     if key.startswith("HNSW") or "_HNSW" in key:
@@ -154,7 +148,7 @@ def _trial(option: IndexChoice, base: np.ndarray, queries: np.ndarray, truth, re
         index = faiss.index_factory(base.shape[1], factory_string(key), faiss.METRIC_INNER_PRODUCT)
         start = time.perf_counter()
         if not index.is_trained:  # as build_index trains it, on as many points for the sample's lists
-            pick_rows = np.random.default_rng(0).permutation(len(base))[:training_points(len(base), lists_of(key))]
+            pick_rows = np.random.default_rng(0).permutation(len(base))[:training_points(len(base), ivf_lists(key))]
             index.train(base[np.sort(pick_rows)])
         trained = time.perf_counter()
         index.add_with_ids(base, np.arange(len(base), dtype=np.int64))
