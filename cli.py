@@ -141,6 +141,28 @@ def search(
         typer.echo(f"wrote {explain}", err=True)
 
 
+@app.command()
+def serve(
+    index: list[str] = typer.Option(..., "--index", help="Index folder, or NAME=DIR to name it (default: the "
+                                                         "folder's name); repeat for several."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Anything but loopback exposes "
+                                                         "every index and its images, with no authentication."),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: a free one, printed)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    threads: int = typer.Option(1, "--threads", help=QUERY_THREADS_HELP),
+    max_upload: str = typer.Option("10MB", "--max-upload", help="Largest request body (an uploaded image, or "
+                                                                "base64 images in JSON)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Most query items embedded in one model forward: "
+                                                          "queries that arrive while one runs go together "
+                                                          "(1: each alone)."),
+) -> None:
+    """Serve indexes over HTTP, warm: a JSON API (POST /search, /indexes, /items) and a web page at /."""
+    from retrieval.server.run import serve as run
+
+    run(index, host=host, port=port, device=device, threads=threads, max_upload=max_upload, max_batch=max_batch,
+        echo=lambda line: typer.echo(line, err=line.startswith("warning")))
+
+
 def _echo_table(rows: list[tuple[str, ...]]) -> None:
     """Columns padded to their widest cell; the last column is left unpadded."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -510,6 +532,38 @@ def bench_query(
 
     report = query.bench_query(index, n=n, k=k, device=device, threads=threads)
     _print_bench(report, query.report_lines(report), json_out)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    index: Path = typer.Option(..., "--index", help="Index folder (items with an image and a text)."),
+    clients: str = typer.Option("1,4,16", "--clients", help="Comma-separated counts of concurrent clients."),
+    requests: int = typer.Option(400, "--requests", help="Timed requests per client count."),
+    max_batch: str = typer.Option("1,32", "--max-batch", help="Comma-separated `serve --max-batch` settings, each "
+                                                              "run as its own server: 1 embeds each query alone."),
+    k: int = typer.Option(10, "-k", "--k"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    threads: int = typer.Option(1, "--threads", help=QUERY_THREADS_HELP + " (As `serve`.)"),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Composed queries through `retrieval serve` on a loopback port from concurrent clients: p50/p95/p99 and QPS,
+    beside the same queries in process."""
+    from evaluation.bench import serve
+
+    report = serve.bench_serve(index, clients=parse_counts(clients, "--clients"), requests=requests, k=k,
+                               max_batches=parse_counts(max_batch, "--max-batch"), threads=threads, device=device)
+    _print_bench(report, serve.report_lines(report), json_out)
+
+
+def parse_counts(text: str, option: str) -> list[int]:
+    """'1,4,16' → [1, 4, 16]: positive integers."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise RetrievalError(f"{option} takes comma-separated whole numbers, like 1,4,16; got {text!r}") from None
+    if not counts or min(counts) <= 0:
+        raise RetrievalError(f"{option} counts must be at least 1; got {text!r}")
+    return counts
 
 
 def main() -> None:

@@ -58,6 +58,18 @@ def filter_rows(table, where: str, column: str = "row") -> np.ndarray:
     return np.sort(np.asarray(result[column], dtype=np.int64))
 
 
+def column_types(table) -> dict[str, str]:
+    """Each column of an Arrow `table` with its SQL type as a filter sees it (BIGINT, VARCHAR, DOUBLE[], ...)."""
+    import duckdb
+
+    con = duckdb.connect(config=SANDBOX)
+    try:
+        con.register("store", table.schema.empty_table())
+        return {name: kind for name, kind, *_ in con.execute("DESCRIBE store").fetchall()}
+    finally:
+        con.close()
+
+
 def checked_query(con, where: str, column: str = "row") -> str:
     """`SELECT column FROM store WHERE (where)`, once `where` is known to be one allowed predicate; the very
     text that was checked is the text to run."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -48,7 +49,14 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, poli
         return _decode(file, path, max_pixels)
 
 
-def _decode(file, path: Path, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """`load_image` for an image's bytes in memory (an upload); `name` stands for the path in messages."""
+    if not data:
+        raise ImageReadError(f"empty image file: {name}")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(file, path: Path | str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -7,6 +7,7 @@ id selector (or over-fetch and filter where the index cannot take a selector, e.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -67,6 +68,8 @@ class SearchIndex:
         self.store = EmbeddingStore(store_path if store_path.is_absolute() else self.path / store_path)
         self._metadata = None
         self._filters = None
+        self._composed: int | None = None
+        self._fused: dict[str, Any] = {}
         if (self.store.fingerprint() != self.info["store"]["fingerprint"] or self.store.dim != self.info["dim"]
                 or self.store.count != self.info["count"]):
             raise RetrievalError(f"the store {self.store.path} changed since this index was built; "
@@ -120,11 +123,34 @@ class SearchIndex:
         """How many stored items have both an image and a text (their vectors depend on the fusion mode)."""
         import pyarrow.compute as pc
 
-        table = self.metadata
-        if "image" not in table.column_names or "text" not in table.column_names:
-            return 0
-        both = pc.and_(pc.is_valid(table["image"]), pc.greater(pc.utf8_length(table["text"]), 0))
-        return int(pc.sum(pc.fill_null(both, False)).as_py() or 0)
+        if self._composed is None:
+            table = self.metadata
+            self._composed = 0
+            if "image" in table.column_names and "text" in table.column_names:
+                both = pc.and_(pc.is_valid(table["image"]), pc.greater(pc.utf8_length(table["text"]), 0))
+                self._composed = int(pc.sum(pc.fill_null(both, False)).as_py() or 0)
+        return self._composed
+
+    def fusion_modes(self) -> list[str]:
+        """The fusion modes a query may ask for: a late-fusion model's modes, or only the one the index was built
+        with where it holds composed items (their vectors were made that way); none for an early-fusion model."""
+        built_with = self.info["encoder"].get("fusion_mode")
+        if built_with and self.composed_rows():
+            return [built_with]
+        return list(self.encoder.fusion_modes)
+
+    def encoder_for(self, fusion: str | None):
+        """The encoder with its fusion mode set to `fusion` (None: the index's), sharing the loaded weights."""
+        if fusion is None or fusion == getattr(self.encoder, "fusion_mode", None):
+            return self.encoder
+        modes = self.fusion_modes()
+        if fusion not in modes:
+            raise RetrievalError(f"fusion {fusion!r} is not available for this index: "
+                                 + (f"use {' or '.join(modes)}" if modes else f"{self.encoder.name} fuses early"))
+        if fusion not in self._fused:
+            self._fused[fusion] = copy.copy(self.encoder)
+            self._fused[fusion].fusion_mode = fusion
+        return self._fused[fusion]
 
     def embed_query(self, image: str | os.PathLike | None = None, text: str | None = None) -> np.ndarray:
         """The query vector [1, dim] for an image, a text, or both."""
@@ -138,7 +164,11 @@ class SearchIndex:
         `rerank` > 0 re-scores the best that many images of a text query by fine-grained alignment."""
         check_k(k)
         check_rerank(image, text, rerank, self.encoder)
-        query = self.embed_query(image, text)
+        return self.search_embedded(self.embed_query(image, text), text, k, where, rerank)
+
+    def search_embedded(self, query: np.ndarray, text: str | None = None, k: int = 10, where: str | None = None,
+                        rerank: int = 0) -> list[Hit]:
+        """`search` for a query already embedded ([1, dim]); `text` is its text, which re-ranking reads."""
         scores, rows = self.search_vectors(query, max(k, rerank), where)
         hits = self.hits(scores[0], rows[0])
         if rerank and hits:
