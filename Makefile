@@ -10,13 +10,23 @@ $(BIN)/retrieval: pyproject.toml
 	$(BIN)/pip install -q -e ".[serve,test]"
 	touch $@
 
-.PHONY: setup demo test test-fast lint results
+.PHONY: setup browser demo test test-fast lint results
 setup: $(BIN)/retrieval
 
 demo: setup
 	$(BIN)/retrieval demo --out demo
 
-test: setup
+# The page test (tests/test_server_page.py) drives Debian's chromium through its driver: installed with apt where
+# this user may; elsewhere that test is skipped, saying why.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+			{ apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }; \
+		else echo "note: chromium and chromedriver are missing and apt-get is not this user's: the page test will be skipped"; fi; \
+	fi
+
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -2,12 +2,13 @@
 
 Some allowed SQL functions grow values without bound (`replace(text, ' ', text)` nested, edit distances over
 those), and DuckDB's own memory limit does not cover them. The child holds one copy of the table, sent once
-as an Arrow stream, and answers filters one at a time (retrieval.filters.filter_rows) under RLIMIT_DATA;
+as an Arrow stream, and answers filters one at a time (retrieval.filters.SandboxedTable) under RLIMIT_DATA;
 past it DuckDB or Python fails with out-of-memory, which comes back as one error line. A child that dies or
 overruns its time is killed and replaced on the next filter. The child exits when its parent goes.
 
 Messages, both ways, are an 8-byte length and a payload: first the table, then for each filter a JSON
-request; the answer is JSON (`rows` count or `error`), followed by the rows as int64 bytes.
+request; the answer is JSON (`rows` count, or `error` and whether the child is `exiting`), followed by
+the rows as int64 bytes.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class FilterWorker:
             except BaseException:  # interrupted mid-answer (Ctrl-C, a caller's timeout): its answer must not be
                 self.close()       # read as the next filter's
                 raise
+            if answer.get("exiting"):
+                self.close()
         if "error" in answer:
             raise RetrievalError(answer["error"])
         return np.frombuffer(rows, dtype=np.int64).copy()
@@ -112,27 +115,30 @@ def serve(limit: int) -> None:
     import pyarrow as pa
 
     from retrieval.errors import first_line
-    from retrieval.filters import filter_rows
+    from retrieval.filters import SandboxedTable
 
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     requests, answers = sys.stdin.buffer.fileno(), os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     sys.stdout = sys.stderr  # nothing else may write into the answers
     try:
-        table = pa.ipc.open_stream(_receive(requests)).read_all()
+        table = SandboxedTable(pa.ipc.open_stream(_receive(requests)).read_all())
         while True:
             request = json.loads(_receive(requests))
             try:
-                rows = filter_rows(table, request["where"], request["column"])
+                rows = table.rows(request["where"], request["column"])
             except RetrievalError as e:
-                _send(answers, json.dumps({"error": str(e)}).encode())
+                _send(answers, json.dumps({"error": str(e), "exiting": table.spent}).encode())
+                if table.spent:
+                    return  # stopped mid-filter: the next filter gets a fresh child
                 continue
             except MemoryError:
                 _send(answers, json.dumps({"error": "--where filter needed more memory than a filter may use and "
-                                                    "was stopped"}).encode())
-                continue
-            except Exception as e:  # anything else is the filter's fault too: one line, and serve on
-                _send(answers, json.dumps({"error": f"invalid --where filter: {first_line(e)}"}).encode())
-                continue
+                                                    "was stopped", "exiting": True}).encode())
+                return
+            except Exception as e:  # anything else is the filter's fault too: one line, and a fresh child next
+                _send(answers, json.dumps({"error": f"invalid --where filter: {first_line(e)}",
+                                           "exiting": True}).encode())
+                return
             _send(answers, json.dumps({"rows": len(rows)}).encode())
             _send(answers, rows.astype(np.int64).tobytes())
     except EOFError:

@@ -32,6 +32,7 @@ SMALLER: list[tuple[tuple[str, ...], str, str]] = [
     (("train",), "--batch-size", "32"),
     (("train",), "--warmup", "1"),
     (("bench", "index"), "--n", "10000"),
+    (("bench", "serve"), "--requests", "30"),
     (("bench", "encode"), "--n", "200"),
     (("bench", "train"), "--steps", "7"),
     (("bench", "train"), "--batch-size", "32"),
@@ -163,8 +164,22 @@ def check_python(out: str, cwd: Path) -> None:
     assert lines[3].split()[0].startswith("shapes-000360-"), out
 
 
+def check_served_edits(out: str, cwd: Path) -> None:
+    answer = json.loads(out)
+    assert [h["id"].startswith("shapes-000360-") for h in answer["hits"]] == [True] * 3, out
+    assert answer["timings_ms"]["total"] > 0 and answer["hits"][0]["image_url"].startswith("/items/idx-edits/")
+
+
+def check_served_list(out: str, cwd: Path) -> None:
+    answers = json.loads(out)
+    assert [len(a["hits"]) for a in answers] == [2, 2] and all(h["n_objects"] > 1 for h in answers[0]["hits"])
+
+
 CHECKS: dict[str, Callable[[str, Path], None]] = {
     "-k 3 --json": check_filtered_json,
+    "text=rotate 90 degrees clockwise": check_served_edits,
+    '"n_objects > 1"}': check_served_list,
+    "-o hit.png": check_png("hit.png"),
     "--where \"id LIKE 'shapes-000360-%'\"": check_own_edits,
     "--explain why.png": check_png("why.png"),
     "--explain tokens.png": check_png("tokens.png"),
@@ -182,15 +197,10 @@ def run_command(line: str, cwd: Path, env: dict[str, str], fired: set[int]) -> s
     return subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.slow
-def test_every_readme_command_runs_top_to_bottom(tmp_path):
-    text = README.read_text(encoding="utf-8")
-    work = tmp_path / "work"
-    work.mkdir()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RETRIEVAL_CACHE": str(tmp_path / "cache"),
-           "OMP_NUM_THREADS": "2"}
-    fired: set[int] = set()
-    not_run, checked, ran = set(), set(), 0
+def run_readme(text: str, work: Path, env: dict[str, str], fired: set[int], not_run: set[str], checked: set[str],
+               servers: list[subprocess.Popen]) -> int:
+    """Run every block of the README in order; returns how many commands ran."""
+    ran = 0
     for language, body, line_no in fenced_blocks(text):
         if language == "python":
             (work / f"block-{line_no}.py").write_text(body, encoding="utf-8")
@@ -214,6 +224,9 @@ def test_every_readme_command_runs_top_to_bottom(tmp_path):
             for name, write in DOWNLOADS.items():
                 if name in line and not (work / name).exists():
                     write(work / name)
+            if line.startswith("retrieval serve "):  # it runs until stopped: in the background, as in a second shell
+                servers.append(start_server(line, work, env))
+                continue
             start = time.perf_counter()
             proc = run_command(line, work, env, fired)
             print(f"{time.perf_counter() - start:6.1f} s  {line[:110]}")
@@ -228,6 +241,39 @@ def test_every_readme_command_runs_top_to_bottom(tmp_path):
                     check(proc.stdout, work)
                     checked.add(needle)
             ran += 1
+    return ran
+
+
+def start_server(line: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start a README `retrieval serve` line in the background (its output to a log file beside the scratch
+    folder); return once it says it listens."""
+    log = cwd.parent / f"serve-{len(list(cwd.parent.glob('serve-*.log')))}.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(["bash", "-c", "exec " + line], cwd=cwd, env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + 300
+    while not log.read_text().startswith("serving "):
+        assert server.poll() is None and time.monotonic() < deadline, f"{line}:\n{log.read_text()}"
+        time.sleep(0.2)
+    return server
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_top_to_bottom(tmp_path):
+    text = README.read_text(encoding="utf-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RETRIEVAL_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "2"}
+    fired: set[int] = set()
+    not_run, checked = set(), set()
+    servers: list[subprocess.Popen] = []
+    try:
+        ran = run_readme(text, work, env, fired, not_run, checked, servers)
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(60)
+    assert servers, "the README starts no server"
     assert not_run == set(NOT_RUN), f"NOT_RUN lists commands the README no longer has: {set(NOT_RUN) - not_run}"
     assert checked == set(CHECKS), f"checks for commands the README no longer has: {set(CHECKS) - checked}"
     assert fired == set(range(len(SMALLER))), f"SMALLER rules that applied to nothing: " \

@@ -22,6 +22,7 @@ def serve(index_specs: list[str], host: str = "127.0.0.1", port: int = 8000, dev
           echo: Callable[[str], None] = print) -> None:
     """Serve the indexes (`DIR` or `NAME=DIR` each) on host:port until interrupted."""
     import uvicorn
+    from PIL import Image
 
     from indexers.choose import parse_memory
     from retrieval.server.app import create_app
@@ -35,8 +36,9 @@ def serve(index_specs: list[str], host: str = "127.0.0.1", port: int = 8000, dev
     sock = bind(host, port)
     set_threads(threads)
     served = open_served(specs, device=device)
-    for index in served.values():  # the first real query should not pay for lazy set-up
-        index.searcher.search(text="warm up", k=1)
+    blank = Image.new("RGB", (64, 64), "white")
+    for index in served.values():  # the first real query should not pay for lazy set-up (the filter process too)
+        index.searcher.search(image=blank, text="warm up", k=1, where="row >= 0")
     app = create_app(served, max_upload=upload_limit, max_batch=max_batch)
     config = uvicorn.Config(app, log_level="warning", access_log=False, limit_concurrency=MAX_CONNECTIONS,
                             timeout_keep_alive=KEEP_ALIVE_S, server_header=False)
