@@ -148,7 +148,7 @@ def check_own_edits(out: str, cwd: Path) -> None:
 def check_png(name: str) -> Callable[[str, Path], None]:
     def check(out: str, cwd: Path) -> None:
         with Image.open(cwd / name) as image:
-            assert image.format == "PNG" and min(image.size) > 64
+            assert image.format == "PNG" and min(image.size) >= 64
 
     return check
 

@@ -273,6 +273,19 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_serves_on(port, case):
     assert post_json(port, {"text": "a red circle", "k": 1})[0] == 200
 
 
+def test_a_body_over_the_limit_without_a_length_is_cut_off_as_it_streams(port):
+    body, content_type = multipart({"text": "x"}, b"\0" * (2 * UPLOAD_LIMIT))
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        connection.request("POST", "/search", (body[i:i + 65536] for i in range(0, len(body), 65536)),
+                           {"Content-Type": content_type}, encode_chunked=True)
+        response = connection.getresponse()
+        assert response.status == 413 and "upload limit of 1 MB" in json.loads(response.read())["error"]
+    finally:
+        connection.close()
+    assert request(port, "GET", "/healthz")[0] == 200
+
+
 @pytest.mark.parametrize("body, content_type, message", [
     (b"{not json", "application/json", "not valid JSON"),
     (b"[]", "application/json", "empty list"),

@@ -69,7 +69,8 @@ class BodyLimit:
 
 
 def too_large(limit: int) -> JSONResponse:
-    return error(413, f"the request is over the upload limit of {limit / 2**20:g} MB (--max-upload)")
+    size = next(f"{limit / 2**p:.4g} {unit}" for p, unit in ((20, "MB"), (10, "KB"), (0, "bytes")) if limit >= 2**p)
+    return error(413, f"the request is over the upload limit of {size} (--max-upload)")
 
 
 def error(status: int, message: str) -> JSONResponse:
