@@ -76,6 +76,20 @@ def read_corpus(path: str | os.PathLike, max_text_chars: int = MAX_TEXT_CHARS, f
     return Corpus(source=path.resolve(), table=_to_table(rows), fingerprint=fingerprint, paths=policy)
 
 
+def corpus_from_records(records: list[dict[str, Any]], root: str | os.PathLike = ".", follow_symlinks: bool = False,
+                        root_only: bool = False) -> Corpus:
+    """A corpus of items given as dicts (id, image, text, metadata), their image paths relative to `root`."""
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise RetrievalError("items must be a list of dicts (id, image, text and metadata)")
+    rows = _check_rows([dict(r) for r in records], Path(root).resolve(), MAX_TEXT_CHARS)
+    if not rows:
+        raise RetrievalError("no items given")
+    digest = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
+    root = Path(root).resolve()
+    policy = PathPolicy.for_root(root, follow_symlinks=follow_symlinks, root_only=root_only)
+    return Corpus(source=root, table=_to_table(rows), fingerprint=digest, paths=policy)
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
     with open(path, "rb") as f:

@@ -29,8 +29,9 @@ from retrieval.errors import RetrievalError
 from retrieval.files import atomic_path, check_out_folder, folder_lock, remove_leftovers
 from retrieval.images import ImageReadError, load_image
 from retrieval.paths import excerpt
-from retrieval.store import DTYPES, ERRORS, FORMAT, MANIFEST, VERSION, embedding_array, part_name, write_part
+from retrieval.store import DTYPES, ERRORS, embedding_array, write_part
 from retrieval.store import write_manifest as commit_manifest
+from retrieval.store_manifest import FORMAT, MANIFEST, VERSION, current_version, next_row, part_name
 
 
 @dataclass
@@ -128,8 +129,8 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
     if sparse_codes:
         require(encoder, "sparse_codes", "--sparse-codes")
     with folder_lock(out, "encode job"):
-        return _encode(corpus, out, encoder, batch_size, workers, dtype, strict, part_size, progress, sparse_codes,
-                       started)
+        return encode_items(corpus, out, encoder, batch_size, workers, dtype, strict, part_size, progress,
+                            sparse_codes, started)
 
 
 def check_encode_options(batch_size: int = 256, workers: int | None = None, dtype: str = "float32",
@@ -143,12 +144,15 @@ def check_encode_options(batch_size: int = 256, workers: int | None = None, dtyp
         raise RetrievalError(f"--workers must be 0 (read in this process) to {MAX_WORKERS}, got {workers}")
 
 
-def _encode(corpus: Corpus, out: Path, encoder, batch_size: int, workers: int | None, dtype: str, strict: bool,
-            part_size: int, progress: bool, sparse_codes: bool, started: float) -> EncodeSummary:
+def encode_items(corpus: Corpus, out: Path, encoder, batch_size: int, workers: int | None, dtype: str, strict: bool,
+                 part_size: int, progress: bool, sparse_codes: bool, started: float, first_row: int = 0,
+                 first_part: int = 0) -> EncodeSummary:
+    """Encode a read corpus into the store at `out` (locked by the caller), resuming; its rows get ids from
+    `first_row` and its parts numbers from `first_part` (a store that items are added to gives both)."""
     import torch
     from tqdm import tqdm
 
-    manifest = _start_or_resume(out, corpus, encoder, dtype, part_size, sparse_codes)
+    manifest = _start_or_resume(out, corpus, encoder, dtype, part_size, sparse_codes, first_row, first_part)
     n = len(corpus)
     done_parts = len(manifest["parts"])
     start = min(done_parts * part_size, n)
@@ -197,24 +201,30 @@ def _encode(corpus: Corpus, out: Path, encoder, batch_size: int, workers: int | 
                          resumed_from=start)
 
 
-def _start_or_resume(out: Path, corpus: Corpus, encoder, dtype: str, part_size: int,
-                     sparse_codes: bool) -> dict[str, Any]:
+def _start_or_resume(out: Path, corpus: Corpus, encoder, dtype: str, part_size: int, sparse_codes: bool,
+                     first_row: int, first_part: int) -> dict[str, Any]:
     """Return the committed manifest of this same job, or a fresh one; refuse a folder of another job."""
     job = {"corpus": {"source": str(corpus.source), "fingerprint": corpus.fingerprint, "items": len(corpus),
                       "paths": corpus.paths.to_dict()},
            "dtype": dtype, "part_size": part_size,
-           "extra_columns": list(encoder.extra_columns) if sparse_codes else []}
+           "extra_columns": list(encoder.extra_columns) if sparse_codes else [],
+           "first_row": first_row, "first_part": first_part}
     if (out / MANIFEST).is_file():
         from retrieval.store import EmbeddingStore
 
         manifest = EmbeddingStore(out).manifest
+        if current_version(manifest) > 1:
+            raise RetrievalError(f"store {out} has changed since it was encoded (items were added or deleted: "
+                                 f"version {current_version(manifest)}); add items with `retrieval index add`, or "
+                                 "encode into a new --out folder")
         recorded_paths = manifest["corpus"].get("paths", {})
         same = (manifest["corpus"]["fingerprint"] == corpus.fingerprint
                 and all(recorded_paths.get(k, False) == v for k, v in job["corpus"]["paths"].items() if k != "root")
                 and manifest["encoder"]["weights_sha256"] == encoder.weights_sha256
                 and manifest["encoder"].get("fusion_mode") == encoder.describe().get("fusion_mode")
                 and manifest["dtype"] == dtype and manifest["part_size"] == part_size
-                and manifest.get("extra_columns", []) == job["extra_columns"])
+                and manifest.get("extra_columns", []) == job["extra_columns"]
+                and (manifest.get("first_row", 0), manifest.get("first_part", 0)) == (first_row, first_part))
         if not same:
             raise RetrievalError(f"{out} holds a store of another corpus, model, fusion mode, dtype, part size, "
                                  "columns or symlink and root rules; use a new --out folder")
@@ -286,8 +296,8 @@ class _PartWriter:
     def _commit(self, part: int) -> None:
         positions = [p for good, _, _, _ in self.pending for p in good]
         bad = [b for _, _, _, batch_bad in self.pending for b in batch_bad]
-        first_row = self.manifest["count"]
-        entry: dict[str, Any] = {"file": part_name(part), "count": len(positions),
+        first_row = next_row(self.manifest)
+        entry: dict[str, Any] = {"file": part_name(self.manifest.get("first_part", 0) + part), "count": len(positions),
                                  "rows": [first_row, first_row + len(positions)],
                                  "positions": [part * self.manifest["part_size"],
                                                part * self.manifest["part_size"] + len(positions) + len(bad)],
@@ -310,7 +320,7 @@ class _PartWriter:
                              "text": excerpt(t["text"][p].as_py()), "error": reason} for p, reason in bad]
             write_errors(self.out, self.errors)
         self.manifest["parts"].append(entry)
-        self.manifest["count"] = entry["rows"][1]
+        self.manifest["count"] += entry["count"]
         self.manifest["errors"] = len(self.errors)
         self.manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         commit_manifest(self.out, self.manifest)

@@ -142,7 +142,9 @@ def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: s
         "memory_budget": memory_budget,
         "estimated_bytes": choice.bytes,
         "index_bytes": index_file.stat().st_size,
-        "store": {"path": store_location(store.path, out), "fingerprint": store.fingerprint(), "count": n},
+        "store": {"path": store_location(store.path, out), "version": store.version,
+                  "fingerprint": store.fingerprint(), "count": n},
+        "built_count": n,  # the vectors the quantiser was trained for; later adds are measured against it
         "encoder": store.encoder,
         "faiss_version": faiss.__version__,
         "device": built.device,

@@ -56,42 +56,29 @@ class SearchIndex:
     """An index folder opened for queries, with its store and encoder checked against index.json."""
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", model: str | None = None,
-                 fusion: str | None = None):
+                 fusion: str | None = None, encoder=None):
         import faiss
-
-        from retrieval.encoders import load_encoder
-        from retrieval.encoders.registry import is_released, list_configs
 
         self.path = Path(path)
         self.info, self.index = read_index_folder(self.path)
-        store_path = Path(self.info["store"]["path"])
-        self.store = EmbeddingStore(store_path if store_path.is_absolute() else self.path / store_path)
+        self.store = index_store(self.path, self.info)
+        self.store.pin()
         self._metadata = None
         self._filters = None
         self._composed: int | None = None
         self._fused: dict[str, Any] = {}
-        if (self.store.fingerprint() != self.info["store"]["fingerprint"] or self.store.dim != self.info["dim"]
-                or self.store.count != self.info["count"]):
-            raise RetrievalError(f"the store {self.store.path} changed since this index was built; "
-                                 f"rebuild it with `retrieval index build {self.store.path} --out {self.path}`")
-        self.store.require_intact()
+        self._opened = (device, model, fusion)
         recorded = self.info["encoder"]
-        if model is None:
-            checkpoint = recorded.get("checkpoint")
-            if checkpoint and (Path(checkpoint) / "config.json").is_file():
-                model = checkpoint
-            elif recorded["name"] in list_configs() or is_released(recorded["name"]):
-                model = recorded["name"]  # a released checkpoint: from the model cache, pulled if need be
-            else:
-                raise RetrievalError(f"the encoder of this index, {recorded['name']!r} "
-                                     f"(checkpoint {checkpoint}), is not available here")
-        self.encoder = load_encoder(model, device=device, fusion=fusion or recorded.get("fusion_mode"))
+        self.encoder = encoder or load_index_encoder(self.info, device, model, fusion)
         if self.encoder.weights_sha256 != recorded["weights_sha256"] or self.encoder.dim != self.info["dim"]:
             raise RetrievalError(
                 f"encoder mismatch: this index was built with {recorded['name']!r} (dim {self.info['dim']}, "
                 f"weights {recorded['weights_sha256'][:12]}), but {model!r} is {self.encoder.name!r} "
                 f"(dim {self.encoder.dim}, weights {self.encoder.weights_sha256[:12]}); "
                 "rebuild the index with this encoder")
+        # rows deleted from the store but still in an index kind that cannot remove them: searched around
+        self.hidden = self.store.deleted if self.info.get("removal") == "selector" else np.zeros(0, np.int64)
+        self._hidden_selector = None
         built_with = recorded.get("fusion_mode")
         if built_with and self.encoder.fusion_mode != built_with and self.composed_rows():
             raise RetrievalError(f"this index holds {self.composed_rows()} items with an image and a text, embedded "
@@ -112,9 +99,42 @@ class SearchIndex:
                 gpu_index, where = to_gpu(self.index, [])
                 self.gpu_index = gpu_index if where == "cuda" else None
 
+    def add(self, items: str | os.PathLike | list[dict[str, Any]], upsert: bool = False, **options) -> list[str]:
+        """Add a corpus's (or a list of dicts') new items to the index and its store, then search the new version;
+        `options`: those of `retrieval index add` (batch_size, workers, strict, progress, ...)."""
+        from retrieval.index_changes import add_items
+
+        return self._changed(add_items(self.path, items, upsert=upsert, encoder=self.encoder,
+                                       **{"progress": False} | options))
+
+    def delete(self, ids: list[str] | None = None, where: str | None = None) -> list[str]:
+        """Delete items by id or by a SQL predicate, then search the new version."""
+        from retrieval.index_changes import delete_items
+
+        return self._changed(delete_items(self.path, ids=ids, where=where))
+
+    def compact(self) -> list[str]:
+        """Rewrite the store without deleted rows (and rebuild an index kind that kept them)."""
+        from retrieval.index_changes import compact_index
+
+        return self._changed(compact_index(self.path))
+
+    def _changed(self, lines: list[str]) -> list[str]:
+        """Open the folder's newest version in place of this one (the same encoder); returns `lines`."""
+        newer = SearchIndex(self.path, *self._opened, encoder=self.encoder)
+        self.close()
+        self.__dict__.update(newer.__dict__)
+        return lines
+
+    def close(self) -> None:
+        """Stop the filter process, if one was started."""
+        if self._filters is not None:
+            self._filters.close()
+            self._filters = None
+
     @property
     def metadata(self):
-        """The store's rows without vectors, loaded on first use; row r is at position r."""
+        """The store's live rows without vectors, loaded on first use (`store.positions` finds a row in it)."""
         if self._metadata is None:
             self._metadata = self.store.metadata().combine_chunks()  # one chunk: take() per query stays cheap
         return self._metadata
@@ -187,14 +207,20 @@ class SearchIndex:
         if where is not None and not isinstance(where, str):
             raise RetrievalError(f"invalid --where filter: it must be a string, not {type(where).__name__}")
         if where is None or not where.strip():
-            scores, rows = self._index_search(queries, k)
-            if (rows[:, : min(k, self.index.ntotal)] < 0).any():  # an ANN index can come up short for a big k
-                return self._exact_search(queries, np.arange(self.index.ntotal, dtype=np.int64), k)
+            if len(self.hidden):
+                scores, rows = self._selected_search(queries, self._not_hidden(), k, self.store.count)
+            else:
+                scores, rows = self._index_search(queries, k)
+            if (rows[:, : min(k, self.store.count)] < 0).any():  # an ANN index can come up short for a big k
+                return self._exact_search(queries, self.store.live_rows(), k)
             return scores, rows
         allowed = self.filter_rows(where)
         if len(allowed) <= max(EXACT_FILTER_MAX, k):
             return self._exact_search(queries, allowed, k)
-        scores, rows = self._filtered_index_search(queries, allowed, k)
+        import faiss
+
+        selector = faiss.IDSelectorBatch(allowed)
+        scores, rows = self._selected_search(queries, (selector, lambda r: np.isin(r, allowed)), k, len(allowed))
         want = min(k, len(allowed))
         if (rows[:, :want] < 0).any():  # the approximate search came up short: be exact instead
             return self._exact_search(queries, allowed, k)
@@ -217,15 +243,25 @@ class SearchIndex:
             else self.index
         return index.search(queries, k, params=params) if params is not None else index.search(queries, k)
 
-    def _filtered_index_search(self, queries: np.ndarray, allowed: np.ndarray, k: int):
+    def _not_hidden(self):
+        """A selector of the rows that are not hidden, and the same as a test of found rows."""
         import faiss
 
-        params = selector_params(self.index, faiss.IDSelectorBatch(allowed), self.info.get("search_params"))
+        if self._hidden_selector is None:
+            inner = faiss.IDSelectorBatch(self.hidden)
+            self._hidden_selector = (faiss.IDSelectorNot(inner), lambda r: ~np.isin(r, self.hidden), inner)
+        return self._hidden_selector[:2]
+
+    def _selected_search(self, queries: np.ndarray, selector, k: int, selected: int):
+        """Search only the rows a (faiss selector, test of found rows) pair selects, `selected` of them: with the
+        selector where the index takes one, else by over-fetching and testing."""
+        faiss_selector, test = selector
+        params = selector_params(self.index, faiss_selector, self.info.get("search_params"))
         if params is not None:
             return self._index_search(queries, k, params)
-        fetch = min(self.index.ntotal, math.ceil(2 * k * self.index.ntotal / len(allowed)))
+        fetch = min(self.index.ntotal, math.ceil(2 * k * self.index.ntotal / max(selected, 1)))
         scores, rows = self._index_search(queries, fetch)
-        keep = np.isin(rows, allowed)
+        keep = test(rows)
         out_s = np.full((len(queries), k), -np.inf, np.float32)
         out_r = np.full((len(queries), k), -1, np.int64)
         for q in range(len(queries)):
@@ -245,10 +281,10 @@ class SearchIndex:
         return out_s, out_r
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
-        """Results with their store rows; row r of the store is position r of the metadata table."""
+        """Results with their store rows."""
         valid = rows >= 0
         scores, rows = scores[valid], rows[valid]
-        table = self.metadata.take(rows).to_pylist() if len(rows) else []
+        table = self.metadata.take(self.store.positions(rows)).to_pylist() if len(rows) else []
         hits = []
         for rank, (score, row) in enumerate(zip(scores, table), start=1):
             meta = {k: v for k, v in row.items() if k not in ("row", "id", "image", "text")}
@@ -293,6 +329,38 @@ def check_query(image, text: str | None) -> str | None:
     if image is None and text is None:
         raise RetrievalError("a query needs an image, a text, or both (--image / --text)")
     return text
+
+
+def index_store(folder: Path, info: dict[str, Any]) -> EmbeddingStore:
+    """The store version an index reflects, checked to be the one it was made from."""
+    store_path = Path(info["store"]["path"])
+    store = EmbeddingStore(store_path if store_path.is_absolute() else folder / store_path,
+                           version=info["store"].get("version"))
+    if (store.fingerprint() != info["store"]["fingerprint"] or store.dim != info["dim"]
+            or store.count != info["store"].get("count", info["count"])):
+        raise RetrievalError(f"the store {store.path} changed since this index was built; "
+                             f"rebuild it with `retrieval index build {store.path} --out {folder}`")
+    store.require_intact()
+    return store
+
+
+def load_index_encoder(info: dict[str, Any], device: str = "auto", model: str | None = None,
+                       fusion: str | None = None):
+    """The encoder index.json names: its checkpoint where that is still there, else the model of that name."""
+    from retrieval.encoders import load_encoder
+    from retrieval.encoders.registry import is_released, list_configs
+
+    recorded = info["encoder"]
+    if model is None:
+        checkpoint = recorded.get("checkpoint")
+        if checkpoint and (Path(checkpoint) / "config.json").is_file():
+            model = checkpoint
+        elif recorded["name"] in list_configs() or is_released(recorded["name"]):
+            model = recorded["name"]  # a released checkpoint: from the model cache, pulled if need be
+        else:
+            raise RetrievalError(f"the encoder of this index, {recorded['name']!r} "
+                                 f"(checkpoint {checkpoint}), is not available here")
+    return load_encoder(model, device=device, fusion=fusion or recorded.get("fusion_mode"))
 
 
 def open_index(path: str | os.PathLike, device: str = "auto", model: str | None = None,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval.errors import RetrievalError, first_line
-from retrieval.files import atomic_path, has_type, read_json, sha256_file, write_json
+from retrieval.files import atomic_path, read_json, sha256_file, write_json
+from retrieval.store_manifest import (
+    FORMAT,
+    MANIFEST,
+    current_version,
+    deletions_of,
+    in_version,
+    live_count,
+    manifest_problem,
+    oldest_version,
+    parts_of,
+)
 
-FORMAT = "retrieval.embedding-store"
-VERSION = 1
-MANIFEST = "manifest.json"
 ERRORS = "errors.parquet"
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 TAIL_BYTES = 65536  # the end of a part checked on open: the footer and the last pages
 UNIT_TOLERANCE = 1e-2  # |‖v‖² − 1| allowed (float16 rounding is about 1e-3)
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
 
 
 def embedding_array(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
@@ -77,9 +80,13 @@ def check_unit(vectors: np.ndarray, where: Path) -> np.ndarray:
 
 
 class EmbeddingStore:
-    """Read access to a store folder made by `retrieval encode`."""
+    """Read access to one version of a store folder made by `retrieval encode` (default: the newest).
 
-    def __init__(self, path: str | os.PathLike):
+    A store object reads the version it opened however the folder changes later: its manifest is read once,
+    and `pin()` maps its part files so that a compaction deleting them cannot pull them from under it.
+    Row ids are unique and ascending in part order; deleted rows are left out of every read."""
+
+    def __init__(self, path: str | os.PathLike, version: int | None = None):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
@@ -92,6 +99,17 @@ class EmbeddingStore:
             raise RetrievalError(f"{manifest_path} is not an embedding-store manifest")
         if problem := manifest_problem(self.manifest):
             raise RetrievalError(f"{manifest_path} is malformed: {problem}")
+        self.version = current_version(self.manifest) if version is None else version
+        if not oldest_version(self.manifest) <= self.version <= current_version(self.manifest):
+            raise RetrievalError(f"store {self.path} no longer holds version {self.version} (it holds "
+                                 f"{oldest_version(self.manifest)} to {current_version(self.manifest)}): it was "
+                                 "compacted since")
+        self.parts = parts_of(self.manifest, self.version)
+        self.deletions = deletions_of(self.manifest, self.version)
+        self._pinned: dict[Path, pa.MemoryMappedFile] = {}
+        self._part_rows: dict[str, np.ndarray] = {}
+        self._live: np.ndarray | None = None
+        self.deleted = self._read_deleted()
 
     @staticmethod
     def is_store(path: str | os.PathLike) -> bool:
@@ -103,7 +121,8 @@ class EmbeddingStore:
 
     @property
     def count(self) -> int:
-        return int(self.manifest["count"])
+        """Live rows in this version."""
+        return live_count(self.manifest, self.version)
 
     @property
     def encoder(self) -> dict[str, Any]:
@@ -114,25 +133,71 @@ class EmbeddingStore:
         return bool(self.manifest.get("complete"))
 
     @property
-    def parts(self) -> list[dict[str, Any]]:
-        """The committed parts that hold rows."""
-        return [p for p in self.manifest["parts"] if p["count"] > 0]
-
-    @property
     def part_paths(self) -> list[Path]:
         return [self.path / p["file"] for p in self.parts]
 
     def fingerprint(self) -> str:
-        """Changes whenever any committed part or the encoder changes."""
+        """Changes whenever the version's parts, its deletions or the encoder change."""
         h = hashlib.sha256(self.encoder["weights_sha256"].encode())
-        for part in self.manifest["parts"]:
+        for part in (p for p in self.manifest["parts"] if in_version(p, self.version)):
             h.update(f"{part['file']}:{part['count']}:{part['sha256']}\n".encode())
+        for deletion in self.deletions:
+            h.update(f"deleted {deletion['file']}:{deletion['count']}:{deletion['sha256']}\n".encode())
         return h.hexdigest()
+
+    def pin(self) -> None:
+        """Map every part file of this version, so that reads keep working after a compaction removes it."""
+        for path in self.part_paths:
+            with reading(path):
+                self._pinned.setdefault(path, pa.memory_map(str(path)))
+
+    def _source(self, path: Path) -> str | pa.MemoryMappedFile:
+        return self._pinned.get(path) or str(path)
+
+    def _read_deleted(self) -> np.ndarray:
+        """The version's deleted row ids, sorted; each deletion file checked against its recorded checksum."""
+        rows = []
+        for deletion in self.deletions:
+            path = self.path / deletion["file"]
+            with reading(path):
+                if sha256_file(path) != deletion["sha256"]:
+                    raise RetrievalError(f"deletion file {path} is damaged: its checksum differs from the manifest")
+                rows.append(pq.read_table(path, columns=["row"]).column("row").to_numpy())
+        deleted = np.sort(np.concatenate(rows)).astype(np.int64) if rows else np.zeros(0, np.int64)
+        if len(deleted) != sum(d["count"] for d in self.deletions) or (np.diff(deleted) == 0).any():
+            raise RetrievalError(f"the deletion files of store {self.path} do not match its manifest")
+        return deleted
+
+    def _keep(self, rows: np.ndarray) -> np.ndarray:
+        """A mask of the rows that are not deleted."""
+        return ~np.isin(rows, self.deleted) if len(self.deleted) else np.ones(len(rows), bool)
+
+    def part_rows(self, part: dict[str, Any]) -> np.ndarray:
+        """Every row id stored in a part (deleted ones too), ascending."""
+        if part["count"] == part["rows"][1] - part["rows"][0]:
+            return np.arange(*part["rows"], dtype=np.int64)
+        if part["file"] not in self._part_rows:
+            path = self.path / part["file"]
+            with reading(path):
+                rows = pq.read_table(self._source(path), columns=["row"]).column("row").to_numpy()
+            if len(rows) != part["count"] or (np.diff(rows) <= 0).any() or (len(rows) and not (
+                    part["rows"][0] <= rows[0] and rows[-1] < part["rows"][1])):
+                raise RetrievalError(f"part {path} is damaged: its row ids do not match the manifest's range "
+                                     f"{part['rows']}; run `retrieval store verify {self.path}`")
+            self._part_rows[part["file"]] = rows.astype(np.int64)
+        return self._part_rows[part["file"]]
+
+    def live_rows(self) -> np.ndarray:
+        """The row ids of this version, ascending."""
+        if self._live is None:
+            rows = np.concatenate([self.part_rows(p) for p in self.parts]) if self.parts else np.zeros(0, np.int64)
+            self._live = rows[self._keep(rows)]
+        return self._live
 
     def damaged_parts(self, full: bool = False) -> list[str]:
         """Parts whose file differs from the manifest, each with why. Cheap by default (size and the checksum
         of the last TAIL_BYTES; parts of stores written before that was recorded are hashed whole); `full`
-        hashes every file whole and decodes it, checking page checksums and unit norms."""
+        hashes every file whole and decodes it, checking page checksums, unit norms and row ids."""
         problems = []
         for part in self.parts:
             path = self.path / part["file"]
@@ -145,13 +210,13 @@ class EmbeddingStore:
                 elif not full and tail_sha256(path) != part["tail_sha256"]:
                     problems.append(f"{part['file']}: its footer checksum differs from the manifest")
                 elif full:
-                    expected = part["rows"][0]
+                    rows = []
                     for batch in self._batches(path, ["row", "embedding"], 65536):
                         self._vectors(batch, path)
-                        rows = batch.column("row").to_numpy()
-                        if not np.array_equal(rows, np.arange(expected, expected + len(rows))):
-                            raise RetrievalError(f"its row ids are not the manifest's range {part['rows']}")
-                        expected += len(rows)
+                        rows.append(batch.column("row").to_numpy())
+                    self._part_rows.pop(part["file"], None)
+                    if not np.array_equal(np.concatenate(rows) if rows else [], self.part_rows(part)):
+                        raise RetrievalError(f"its row ids are not the manifest's range {part['rows']}")
             except FileNotFoundError:
                 problems.append(f"{part['file']}: missing")
             except RetrievalError as e:
@@ -170,10 +235,13 @@ class EmbeddingStore:
                                  "command again to finish it")
 
     def iter_batches(self, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (row ids int64 [n], vectors float32 [n, dim]) in row order, a bounded batch at a time."""
+        """Stream the live (row ids int64 [n], vectors float32 [n, dim]) in row order, a bounded batch at a time."""
         for path in self.part_paths:
             for batch in self._batches(path, ["row", "embedding"], batch_rows):
-                yield batch.column("row").to_numpy().astype(np.int64, copy=False), self._vectors(batch, path)
+                rows = batch.column("row").to_numpy().astype(np.int64, copy=False)
+                keep = self._keep(rows)
+                vectors = self._vectors(batch, path)
+                yield (rows, vectors) if keep.all() else (rows[keep], vectors[keep])
 
     def read_vectors(self, rows: np.ndarray) -> np.ndarray:
         """Vectors of the given row ids, in the given order, reading only the row groups that hold them."""
@@ -185,9 +253,12 @@ class EmbeddingStore:
             if not len(hit):
                 continue
             path = self.path / part["file"]
+            stored = self.part_rows(part)
+            offsets = np.searchsorted(stored, rows[hit])
+            if (offsets >= len(stored)).any() or (stored[np.minimum(offsets, len(stored) - 1)] != rows[hit]).any():
+                raise RetrievalError(f"store {self.path} holds no row {rows[hit][0]} in {part['file']}")
             with reading(path):
-                parquet = pq.ParquetFile(path, page_checksum_verification=True)
-                offsets = rows[hit] - lo
+                parquet = pq.ParquetFile(self._source(path), page_checksum_verification=True)
                 sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
                 starts = np.concatenate([[0], np.cumsum(sizes)])
                 group_of = np.searchsorted(starts, offsets, side="right") - 1
@@ -200,7 +271,7 @@ class EmbeddingStore:
 
     def _batches(self, path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
         with reading(path):
-            parquet = pq.ParquetFile(path, page_checksum_verification=True)
+            parquet = pq.ParquetFile(self._source(path), page_checksum_verification=True)
             yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
 
     def _vectors(self, batch: pa.RecordBatch | pa.Table, path: Path) -> np.ndarray:
@@ -212,27 +283,47 @@ class EmbeddingStore:
         return check_unit(vectors_of(column, self.dim), path)
 
     def sample(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """A uniform random sample of at most n (row ids, vectors), read part by part."""
-        n = min(n, self.count)
+        """A uniform random sample of at most n live (row ids, vectors), read part by part."""
+        live = self.live_rows()
         rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(self.count, size=n, replace=False)) if n else np.zeros(0, np.int64)
+        rows = np.sort(rng.choice(live, size=min(n, len(live)), replace=False)) if n and len(live) \
+            else np.zeros(0, np.int64)
         return rows.astype(np.int64), self.read_vectors(rows)
 
     def metadata(self) -> pa.Table:
-        """Every column but the embedding and extra columns (sparse codes), for all rows in row order
-        (row == position in this table)."""
-        skip = {"embedding", *self.manifest.get("extra_columns", [])}
+        """Every column but the embedding and extra columns (sparse codes), for the live rows in row order
+        (`positions` maps row ids to positions in it)."""
+        return self.read_table(skip=["embedding", *self.manifest.get("extra_columns", [])])
+
+    def read_table(self, columns: list[str] | None = None, skip: list[str] = ()) -> pa.Table:
+        """The live rows of this version as one Arrow table (`.to_pandas()` for pandas): `columns`, or all but
+        `skip`."""
         tables = []
         for path in self.part_paths:
             with reading(path):
-                columns = [c for c in pq.read_schema(path).names if c not in skip]
-                tables.append(pq.read_table(path, columns=columns, page_checksum_verification=True))
-        return pa.concat_tables(tables) if tables else pa.table({})
+                source = self._source(path)
+                names = columns or [c for c in pq.read_schema(source).names if c not in skip]
+                table = pq.read_table(source, columns=names if "row" in names else ["row", *names],
+                                      page_checksum_verification=True)
+            keep = self._keep(table.column("row").to_numpy())
+            table = table if keep.all() else table.filter(pa.array(keep))
+            tables.append(table if "row" in names else table.drop_columns(["row"]))
+        return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        """Where live row ids sit in `metadata()` and `read_table()`."""
+        return np.searchsorted(self.live_rows(), np.asarray(rows, dtype=np.int64))
 
     def sql_source(self) -> str:
-        """A DuckDB table expression over the parts."""
-        files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in self.part_paths)
-        return f"read_parquet([{files}])"
+        """A DuckDB table expression over the live rows of this version."""
+        def files(paths: list[Path]) -> str:
+            return ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
+
+        parts = f"read_parquet([{files(self.part_paths)}])"
+        if not self.deletions:
+            return parts
+        deleted = files([self.path / d["file"] for d in self.deletions])
+        return f"(SELECT * FROM {parts} WHERE row NOT IN (SELECT row FROM read_parquet([{deleted}])))"
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -249,42 +340,3 @@ def reading(path: Path) -> Iterator[None]:
     except (OSError, pa.ArrowException) as e:
         raise RetrievalError(f"part {path} is damaged ({first_line(e)}); run `retrieval store verify {path.parent}` "
                              "and encode the corpus again") from None
-
-
-MAX_DIM = 65536
-CORE_COLUMNS = ("row", "id", "image", "text", "embedding")
-
-
-def manifest_problem(manifest: dict[str, Any]) -> str | None:
-    """What is wrong with the store manifest's fields that readers rely on, or None."""
-    for key, kind in (("dim", int), ("count", int), ("parts", list), ("encoder", dict)):
-        if not has_type(manifest.get(key), kind):
-            return f"missing or wrong {key} ({kind.__name__})"
-    if not 0 < manifest["dim"] <= MAX_DIM or manifest["count"] < 0:
-        return f"dim must be 1 to {MAX_DIM} and count at least 0"
-    if not all(has_type(manifest["encoder"].get(k), str) for k in ("name", "weights_sha256")):
-        return "the encoder's name or weights_sha256 is missing"
-    if not has_type(manifest.get("complete", False), bool):
-        return "complete must be true or false"
-    extra = manifest.get("extra_columns", [])
-    if not isinstance(extra, list) or not all(isinstance(c, str) and c not in CORE_COLUMNS for c in extra):
-        return f"extra_columns must be a list of column names other than {', '.join(CORE_COLUMNS)}"
-    files = [p.get("file") for p in manifest["parts"] if isinstance(p, dict)]
-    if len(set(map(str, files))) != len(files):
-        return "a part file is listed twice"
-    expected_row = 0
-    for i, part in enumerate(manifest["parts"]):
-        if not isinstance(part, dict) or not all(has_type(part.get(k), t) for k, t in
-                                                 (("file", str), ("count", int), ("rows", list))):
-            return f"part entry {i} lacks file, count or rows"
-        if (not re.fullmatch(r"part-\d{5,}\.parquet", part["file"]) or part["count"] < 0
-                or part["rows"] != [expected_row, expected_row + part["count"]]):
-            return f"part entry {i} ({part['file']!r}) has a bad file name, count or row range"
-        if part["count"] and not (has_type(part.get("sha256"), str) and all(
-                has_type(part[k], t) for k, t in (("bytes", int), ("tail_sha256", str)) if k in part)):
-            return f"part entry {i} ({part['file']!r}) lacks its checksums"
-        expected_row += part["count"]
-    if expected_row != manifest["count"]:
-        return f"its parts hold {expected_row} rows but count says {manifest['count']}"
-    return None
-

@@ -1,0 +1,144 @@
+"""Keeping an index in step with a changing store: `retrieval index add / delete / compact / rebuild`.
+
+Each change is made to the store first, as its next version (retrieval.store_versions); then the index follows
+(`sync`): rows added since the version it reflects are added to the FAISS index, rows deleted are removed from it
+(FAISS `remove_ids` where the index kind can; where it cannot, e.g. HNSW, they stay in the file and searches pass
+them by with an id selector built from the store's deletion vectors), and index.json is committed naming the new
+version. Until that commit, searches answer from the version index.json names, which the store still holds.
+
+A change killed at any moment and run again first brings the index up to the store, then finds its own work done
+or does it: an add skips items already live with the same content, a delete ignores rows already gone, a compaction
+finds nothing left to rewrite and only drops what the old versions used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import RetrievalError, indexer_errors
+from retrieval.files import folder_lock
+from retrieval.index_folder import clear_leftovers, commit, read_index_folder, read_index_json, write_index_file
+from retrieval.store import EmbeddingStore
+from retrieval.store_versions import clear_unlisted
+
+ADD_BATCH = 65_536
+RECALL_QUERIES = 1000
+
+
+def store_path_of(folder: Path, info: dict[str, Any]) -> Path:
+    path = Path(info["store"]["path"])
+    return path if path.is_absolute() else folder / path
+
+
+@contextlib.contextmanager
+def updating(folder: str | os.PathLike, what: str, progress: bool = False) -> Iterator[tuple[Path, list[str]]]:
+    """Hold the index folder's lock and its store's, clear what killed changes left, and bring the index up to the
+    store; yields the store's path and notes for the user."""
+    folder = Path(folder)
+    store = store_path_of(folder, read_index_json(folder))
+    with folder_lock(folder, f"index {what}"), folder_lock(store, f"index {what} (its store)"):
+        clear_leftovers(folder)
+        clear_unlisted(store)
+        yield store, sync(folder, progress)
+
+
+@indexer_errors()
+def sync(folder: Path, progress: bool = False) -> list[str]:
+    """Bring the index up to its store's newest version; returns notes (a recall drop after adds)."""
+    import faiss
+
+    info, index = read_index_folder(folder)
+    store_path = store_path_of(folder, info)
+    now = EmbeddingStore(store_path)
+    at = info["store"].get("version", 1)
+    if now.version < at:
+        raise RetrievalError(f"store {store_path} is at version {now.version}, before the version {at} this index "
+                             f"reflects: it was replaced; run `retrieval index rebuild {folder}`")
+    try:
+        old = EmbeddingStore(store_path, version=at)
+    except RetrievalError:
+        raise RetrievalError(f"this index reflects version {at} of store {store_path}, which the store no longer "
+                             f"holds (another index over it compacted it); run `retrieval index rebuild {folder}`"
+                             ) from None
+    if old.fingerprint() != info["store"]["fingerprint"]:
+        raise RetrievalError(f"store {store_path} changed since this index was built; run "
+                             f"`retrieval index rebuild {folder}`")
+    if now.version == at:
+        return []
+    removal = info.get("removal")
+    if removal == "selector" and {d["file"] for d in old.deletions} - {d["file"] for d in now.deletions}:
+        return rebuild_from(folder, info, progress, "its deleted rows were compacted away")
+    added = np.setdiff1d(now.live_rows(), old.live_rows(), assume_unique=True)
+    removed = np.setdiff1d(old.live_rows(), now.live_rows(), assume_unique=True)
+    if len(removed) and removal != "selector":
+        try:
+            index.remove_ids(faiss.IDSelectorBatch(removed))
+            removal = "remove_ids"
+        except RuntimeError:  # this kind cannot remove (HNSW, refine, fast-scan): search around them instead
+            removal = "selector"
+    for lo in range(0, len(added), ADD_BATCH):
+        chunk = added[lo:lo + ADD_BATCH]
+        index.add_with_ids(now.read_vectors(chunk), chunk)
+    update: dict[str, Any] = {"version": now.version, "added": len(added), "removed": len(removed)}
+    notes = []
+    if len(added) and approximate(index):
+        recall = measured_recall(index, now, info["search_params"], removal)
+        share = (index.ntotal - info.get("built_count", info["count"])) / max(info.get("built_count", 1), 1)
+        update["ann_recall@10"] = round(recall, 4)
+        info["drift"] = {"ann_recall@10": round(recall, 4), "added_since_build": round(share, 3),
+                         "rebuild_advised": recall < info.get("target_recall", 0.95)}
+        if info["drift"]["rebuild_advised"]:
+            notes.append(f"ann_recall@10 is now {recall:.3f} (target {info.get('target_recall', 0.95)}), "
+                         f"with {share:.0%} more vectors than the index was trained on: rebuild it with "
+                         f"`retrieval index rebuild {folder}`")
+    previous = info["file"]
+    index_file, digest = write_index_file(index, folder)
+    info |= {"file": index_file.name, "file_sha256": digest, "index_bytes": index_file.stat().st_size,
+             "count": int(index.ntotal), "removal": removal,
+             "store": info["store"] | {"version": now.version, "fingerprint": now.fingerprint(), "count": now.count},
+             "updates": [*info.get("updates", []), update]}
+    commit(folder, info, previous)
+    return notes
+
+
+def approximate(index) -> bool:
+    from indexers.kinds import tuning
+
+    return bool(tuning(index, 10))
+
+
+def measured_recall(index, store: EmbeddingStore, params: str, removal: str | None) -> float:
+    """ann_recall@10 of the index now, on stored vectors as queries, against exact search of the live rows."""
+    import faiss
+
+    from indexers.ground_truth import TRUTH_MARGIN, exact_search, recall_at_k, rescorer
+    from indexers.kinds import selector_params
+
+    _, queries = store.sample(RECALL_QUERIES, seed=4)
+    truth = exact_search(queries, store.iter_batches, 10 + TRUTH_MARGIN)
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    search = None
+    if removal == "selector" and len(store.deleted):
+        inner = faiss.IDSelectorBatch(store.deleted)
+        search = selector_params(index, faiss.IDSelectorNot(inner), params)
+    _, found = index.search(queries, 10, params=search) if search is not None else index.search(queries, 10)
+    return recall_at_k(found, truth[1], truth[0], 10, rescorer(queries, store.iter_batches)).fair
+
+
+def rebuild_from(folder: Path, info: dict[str, Any], progress: bool, why: str,
+                 index_key: str | None = None) -> list[str]:
+    """Build the index again over its store's newest version, with its key (or `index_key`), recall target and
+    memory budget; the caller holds the folder's lock."""
+    from retrieval.indexing import _build
+
+    built = _build(store_path_of(folder, info), folder, None, index_key or info.get("index_key", "auto"), "auto",
+                   info.get("memory_budget", "4GB"), info.get("target_recall", 0.95), progress, {}, "latency")
+    return [f"rebuilt the index ({why}): {built['index_key']} over {built['count']} vectors, "
+            f"ann_recall@10 {built['ann_recall@10']:.3f}"]
