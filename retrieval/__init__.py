@@ -12,9 +12,10 @@ from retrieval.errors import RetrievalError
 if TYPE_CHECKING:
     from retrieval.encoders.base import Encoder
     from retrieval.search import SearchIndex
+    from retrieval.store import EmbeddingStore
 
 __version__ = "0.1.0"
-__all__ = ["RetrievalError", "load_encoder", "open_index", "__version__"]
+__all__ = ["RetrievalError", "load_encoder", "open_index", "open_store", "__version__"]
 
 
 def load_encoder(name_or_checkpoint: str, device: str = "auto") -> Encoder:
@@ -29,3 +30,10 @@ def open_index(path: str, device: str = "auto", model: str | None = None) -> Sea
     from retrieval.search import open_index as open_
 
     return open_(path, device=device, model=model)
+
+
+def open_store(path: str, version: int | None = None) -> EmbeddingStore:
+    """An embedding store, at its newest version or `version`: `read_table()`, `sql_source()`, `live_rows()`."""
+    from retrieval.store import EmbeddingStore
+
+    return EmbeddingStore(path, version=version)

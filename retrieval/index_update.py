@@ -45,6 +45,7 @@ def updating(folder: str | os.PathLike, what: str, progress: bool = False) -> It
     with folder_lock(folder, f"index {what}"), folder_lock(store, f"index {what} (its store)"):
         clear_leftovers(folder)
         clear_unlisted(store)
+        EmbeddingStore(store).require_intact()
         yield store, sync(folder, progress)
 
 
@@ -114,22 +115,28 @@ def approximate(index) -> bool:
 
 
 def measured_recall(index, store: EmbeddingStore, params: str, removal: str | None) -> float:
-    """ann_recall@10 of the index now, on stored vectors as queries, against exact search of the live rows."""
+    """ann_recall@10 of the index now, as the build measures it: stored vectors as queries, each left out of both
+    the exact search of the live rows and the index's answers (so that it cannot find itself)."""
     import faiss
 
+    from indexers.build import held_out
     from indexers.ground_truth import TRUTH_MARGIN, exact_search, recall_at_k, rescorer
     from indexers.kinds import selector_params
 
-    _, queries = store.sample(RECALL_QUERIES, seed=4)
-    truth = exact_search(queries, store.iter_batches, 10 + TRUTH_MARGIN)
+    rows, queries = store.sample(RECALL_QUERIES, seed=4)
+    others = held_out(store.iter_batches, rows)
+    truth = exact_search(queries, others, 10 + TRUTH_MARGIN)
     if params:
         faiss.ParameterSpace().set_index_parameters(index, params)
-    search = None
-    if removal == "selector" and len(store.deleted):
-        inner = faiss.IDSelectorBatch(store.deleted)
-        search = selector_params(index, faiss.IDSelectorNot(inner), params)
-    _, found = index.search(queries, 10, params=search) if search is not None else index.search(queries, 10)
-    return recall_at_k(found, truth[1], truth[0], 10, rescorer(queries, store.iter_batches)).fair
+    left_out = np.union1d(rows, store.deleted) if removal == "selector" else rows
+    inner = faiss.IDSelectorBatch(left_out)
+    search = selector_params(index, faiss.IDSelectorNot(inner), params)
+    if search is not None:
+        found = index.search(queries, 10, params=search)[1]
+    else:  # a kind that takes no selector: one more, less the query itself
+        more = index.search(queries, 11)[1]
+        found = np.array([[i for i in found if i != row][:10] for found, row in zip(more, rows)])
+    return recall_at_k(found, truth[1], truth[0], 10, rescorer(queries, others)).fair
 
 
 def rebuild_from(folder: Path, info: dict[str, Any], progress: bool, why: str,
@@ -138,7 +145,29 @@ def rebuild_from(folder: Path, info: dict[str, Any], progress: bool, why: str,
     memory budget; the caller holds the folder's lock."""
     from retrieval.indexing import _build
 
+    if not EmbeddingStore(store_path_of(folder, info)).count:
+        return [empty_index(folder, info, why)]
     built = _build(store_path_of(folder, info), folder, None, index_key or info.get("index_key", "auto"), "auto",
                    info.get("memory_budget", "4GB"), info.get("target_recall", 0.95), progress, {}, "latency")
     return [f"rebuilt the index ({why}): {built['index_key']} over {built['count']} vectors, "
             f"ann_recall@10 {built['ann_recall@10']:.3f}"]
+
+
+def empty_index(folder: Path, info: dict[str, Any], why: str) -> str:
+    """Commit an empty exact index for a store with no live rows (there is nothing to train an approximate one on;
+    `index rebuild` makes one again once items are added)."""
+    import faiss
+
+    from indexers.kinds import factory_string
+
+    store = EmbeddingStore(store_path_of(folder, info))
+    index = faiss.index_factory(info["dim"], factory_string("Flat"), faiss.METRIC_INNER_PRODUCT)
+    index_file, digest = write_index_file(index, folder)
+    previous = info["file"]
+    info |= {"file": index_file.name, "file_sha256": digest, "index_bytes": index_file.stat().st_size, "count": 0,
+             "index_key": "Flat", "factory": factory_string("Flat"), "search_params": "", "removal": None,
+             "built_count": 0, "store": info["store"] | {"version": store.version, "fingerprint": store.fingerprint(),
+                                                          "count": 0}}
+    commit(folder, info, previous)
+    return f"the store holds no items ({why}): the index is now an empty exact one; after adding items, " \
+           f"`retrieval index rebuild {folder} --index-key auto` chooses again"

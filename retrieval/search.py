@@ -206,6 +206,8 @@ class SearchIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if where is not None and not isinstance(where, str):
             raise RetrievalError(f"invalid --where filter: it must be a string, not {type(where).__name__}")
+        if not self.store.count:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         if where is None or not where.strip():
             if len(self.hidden):
                 scores, rows = self._selected_search(queries, self._not_hidden(), k, self.store.count)

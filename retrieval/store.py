@@ -209,6 +209,8 @@ class EmbeddingStore:
                     problems.append(f"{part['file']}: its checksum differs from the manifest")
                 elif not full and tail_sha256(path) != part["tail_sha256"]:
                     problems.append(f"{part['file']}: its footer checksum differs from the manifest")
+                elif problem := self._footer_problem(part, path):
+                    problems.append(f"{part['file']}: {problem}")
                 elif full:
                     rows = []
                     for batch in self._batches(path, ["row", "embedding"], 65536):
@@ -222,6 +224,24 @@ class EmbeddingStore:
             except RetrievalError as e:
                 problems.append(f"{part['file']}: {e}")
         return problems
+
+    def _footer_problem(self, part: dict[str, Any], path: Path) -> str | None:
+        """Whether the part's footer (its row count, the range of its row ids) agrees with the manifest."""
+        with reading(path):
+            meta = pq.ParquetFile(self._source(path)).metadata
+        column = meta.schema.names.index("row") if "row" in meta.schema.names else None
+        stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)] \
+            if column is not None else []
+        if meta.num_rows != part["count"] or column is None or not all(s is not None and s.has_min_max
+                                                                          for s in stats):
+            return f"it holds {meta.num_rows} rows, not the manifest's {part['count']}" \
+                if meta.num_rows != part["count"] else "its row ids carry no statistics"
+        lo, hi = min(s.min for s in stats), max(s.max for s in stats)
+        dense = part["count"] == part["rows"][1] - part["rows"][0]
+        if lo < part["rows"][0] or hi >= part["rows"][1] or (dense and (lo, hi) != (part["rows"][0],
+                                                                             part["rows"][1] - 1)):
+            return f"its row ids {lo} to {hi} do not match the manifest's range {part['rows']}"
+        return None
 
     def require_intact(self) -> None:
         """Refuse a store one of whose parts fails the cheap check, naming it."""
@@ -308,7 +328,20 @@ class EmbeddingStore:
             keep = self._keep(table.column("row").to_numpy())
             table = table if keep.all() else table.filter(pa.array(keep))
             tables.append(table if "row" in names else table.drop_columns(["row"]))
-        return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+        if not tables:  # no live rows: the columns of a part that holds none (a compaction keeps one)
+            schema = self.schema()
+            names = columns or [c for c in schema.names if c not in skip]
+            return pa.schema([schema.field(c) for c in names]).empty_table() if schema else pa.table({})
+        return pa.concat_tables(tables, promote_options="default")
+
+    def schema(self) -> pa.Schema | None:
+        """The columns of the version's parts, read from its first part file (None when it has no file)."""
+        written = [p for p in self.manifest["parts"] if in_version(p, self.version) and p.get("sha256")]
+        if not written:
+            return None
+        path = self.path / min(written, key=lambda p: p["rows"][0])["file"]
+        with reading(path):
+            return pq.read_schema(self._source(path))
 
     def positions(self, rows: np.ndarray) -> np.ndarray:
         """Where live row ids sit in `metadata()` and `read_table()`."""

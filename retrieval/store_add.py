@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from retrieval.corpus import Corpus
 from retrieval.encode import EncodeSummary, encode_items
@@ -40,8 +39,7 @@ class AddPlan:
 def store_columns(store: EmbeddingStore) -> pa.Schema:
     """The store's item columns (id, image, text and metadata), as its first part holds them."""
     skip = {"row", "embedding", *store.manifest.get("extra_columns", [])}
-    schema = pq.read_schema(store.part_paths[0]) if store.parts else pa.schema(
-        [(c, pa.string()) for c in CORE] + [(c, pa.string()) for c in store.manifest.get("metadata_columns", [])])
+    schema = store.schema() or pa.schema([(c, pa.string()) for c in CORE])
     return pa.schema([f for f in schema if f.name not in skip])
 
 

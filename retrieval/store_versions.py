@@ -78,27 +78,28 @@ def _write_deletions(store: Path, version: int, rows: np.ndarray) -> dict[str, A
 
 def compacted_parts(store: EmbeddingStore) -> tuple[list[dict[str, Any]], list[str]]:
     """Rewrite every part of the store's version that holds deleted rows without them, as new part files;
-    returns (their entries, the parts they replace). A part left with no rows is replaced by nothing."""
-    entries, replaced = [], []
-    number = next_part(store.manifest)
+    returns (their entries, the parts they replace). A part left with no rows is replaced by nothing, unless
+    every part is: the first then stays as a part of no rows, which keeps the store's columns."""
+    emptied, kept, replaced = [], [], []
     for part in store.parts:
-        stored = store.part_rows(part)
-        keep = ~np.isin(stored, store.deleted)
-        if keep.all():
-            continue
-        replaced.append(part["file"])
-        if not keep.any():
-            continue
-        path = store.path / part["file"]
-        with reading(path):
-            table = pq.read_table(path, page_checksum_verification=True).filter(pa.array(keep))
-        name = part_name(number)
-        number += 1
-        kept = {k: v for k, v in part.items() if k not in ("file", "count", "sha256", "bytes", "tail_sha256",
-                                                            "added", "removed", "errors", "positions")}
-        entries.append(kept | {"file": name, "count": table.num_rows, "compacted_from": part["file"]}
-                       | write_part(store.path / name, table))
-    return entries, replaced
+        keep = ~np.isin(store.part_rows(part), store.deleted)
+        if not keep.all():
+            replaced.append(part["file"])
+            (kept if keep.any() else emptied).append((part, keep))
+    if emptied and not kept and len(replaced) == len(store.parts):
+        kept = emptied[:1]
+    number = next_part(store.manifest)
+    return [_rewritten(store, part, keep, part_name(number + i)) for i, (part, keep) in enumerate(kept)], replaced
+
+
+def _rewritten(store: EmbeddingStore, part: dict[str, Any], keep: np.ndarray, name: str) -> dict[str, Any]:
+    path = store.path / part["file"]
+    with reading(path):
+        table = pq.read_table(path, page_checksum_verification=True).filter(pa.array(keep))
+    kept = {k: v for k, v in part.items() if k not in ("file", "count", "sha256", "bytes", "tail_sha256", "added",
+                                                        "removed", "errors", "positions")}
+    return kept | {"file": name, "count": table.num_rows, "compacted_from": part["file"]} \
+        | write_part(store.path / name, table)
 
 
 def prune(store: Path, keep_from: int) -> list[str]:

@@ -15,6 +15,8 @@ from pathlib import Path
 import duckdb
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import DURABILITY_CALLS, RETRIEVAL, STRACE, kill_at, needs_strace, run_cli
 
@@ -219,6 +221,45 @@ def test_the_store_reads_its_live_rows_with_duckdb_and_pyarrow(built, corpora, t
     documented = duckdb.sql(f"SELECT count(*) FROM read_parquet('{folder}/store/part-*.parquet') WHERE row NOT IN "
                             f"(SELECT row FROM read_parquet('{folder}/store/deleted-*.parquet'))").fetchall()[0][0]
     assert documented == expected
+
+
+def test_deleting_everything_leaves_an_index_that_answers_nothing_and_grows_again(built, corpora, tmp_path):
+    folder = fresh(built, "hnsw", tmp_path)
+    run_cli("index", "delete", folder, "--where", "true")
+    assert "no results" in run_cli("search", "--index", folder, "--text", "a red circle").stdout
+    assert "no results" in run_cli("search", "--index", folder, "--text", "a red circle", "--where", "row > 3").stdout
+    run_cli("index", "compact", folder)
+    assert len(list((folder / "store").glob("part-*.parquet"))) == 1  # no rows, but the store's columns
+    assert "no results" in run_cli("search", "--index", folder, "--text", "a red circle").stdout
+    run_cli("index", "add", folder, corpora["more"], "--workers", "0")
+    assert sorted(assert_consistent(folder)) == sorted(r["id"] for r in records(corpora["more"]))
+
+
+TAMPERED = {
+    "a deletion file named as a path": lambda m: m["deletions"][0].update(file="../deleted-00002.parquet"),
+    "removed before added": lambda m: m["deletions"][0].update(removed=1),
+    "a version before the oldest": lambda m: m.update(store_version=1, oldest_version=2),
+    "a part range that misses its rows": lambda m: m["parts"][0].update(rows=[5, 305]),
+    "a count that is not the live rows": lambda m: m.update(count=m["count"] + 1),
+    "a version that is not a number": lambda m: m.update(store_version="2"),
+}
+
+
+@pytest.mark.parametrize("how", [*TAMPERED, "a deletion file changed"])
+def test_a_tampered_version_record_is_refused_with_one_line(how, built, corpora, tmp_path):
+    folder = fresh(built, "flat", tmp_path)
+    run_cli("index", "delete", folder, "--where", "row < 10")
+    manifest_path = folder / "store" / "manifest.json"
+    if how in TAMPERED:
+        manifest = json.loads(manifest_path.read_text())
+        TAMPERED[how](manifest)
+        manifest_path.write_text(json.dumps(manifest))
+    else:
+        deletions = folder / "store" / "deleted-00002.parquet"
+        pq.write_table(pa.table({"row": pa.array([11, 12, 13, 14, 15, 16, 17, 18, 19, 20], pa.int64())}), deletions)
+    for args in (("search", "--index", folder, "--text", "a red circle"), ("index", "add", folder, corpora["more"]),
+                 ("index", "compact", folder)):
+        assert one_error_line(run_cli(*args, check=False)).startswith("error: "), args
 
 
 # ---------------------------------------------------------------------------------------------- Python, readers

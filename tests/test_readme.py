@@ -175,7 +175,35 @@ def check_served_list(out: str, cwd: Path) -> None:
     assert [len(a["hits"]) for a in answers] == [2, 2] and all(h["n_objects"] > 1 for h in answers[0]["hits"])
 
 
+def more_rows(cwd: Path) -> int:
+    return duckdb.sql(f"SELECT count(*) FROM '{cwd}/shapes/more.csv'").fetchall()[0][0]
+
+
+def check_added(out: str, cwd: Path) -> None:
+    """The first add adds every row of more.csv; the same add again finds every one unchanged."""
+    found = re.search(r"added (\d+) \(replacing 0\), unchanged (\d+), skipped 0", out)
+    assert found and sorted(map(int, found.groups())) == [0, more_rows(cwd)], out
+
+
+def check_deleted(out: str, cwd: Path) -> None:
+    assert f"deleted {more_rows(cwd)};" in out, out
+
+
+def check_new_only(out: str, cwd: Path) -> None:
+    ids = hits(out)
+    assert len(ids) == 3 and all(i.startswith("new-") for i in ids), out
+
+
+def check_compacted(out: str, cwd: Path) -> None:
+    before, after = map(float, re.search(r"([\d.]+) MB → ([\d.]+) MB on disk", out).groups())
+    assert after < before and "removed 2 old files" in out, out
+
+
 CHECKS: dict[str, Callable[[str, Path], None]] = {
+    "index add idx-photos shapes/more.csv": check_added,
+    "index delete idx-photos": check_deleted,
+    "--where \"split = 'test'\" -k 3": check_new_only,
+    "index compact idx-photos": check_compacted,
     "-k 3 --json": check_filtered_json,
     "text=rotate 90 degrees clockwise": check_served_edits,
     '"n_objects > 1"}': check_served_list,

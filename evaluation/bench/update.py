@@ -5,7 +5,8 @@ Two measurements, side by side in one process:
   the index of all N + M from scratch (encode everything, build), with the same model; items/s of each.
 - drift: an IVF index trained on N synthetic embedding-like vectors, then given 50 %, 100 % and 200 % more through
   the store and `sync`, with its quantiser and nprobe as built; ann_recall@10 (what `index add` measures and
-  records) after each, for new vectors from the same distribution and from a shifted one (another subspace).
+  records; before any add, measured the same way) after each, for new vectors from the same distribution and
+  from a shifted one (another subspace and other clusters).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def bench_drift(n: int = 100_000, dim: int = 256, key: str | None = None, seed: 
                 progress: bool = False) -> dict[str, Any]:
     """ann_recall@10 of an IVF index after adds of SHARES × n vectors, same and shifted distribution."""
     from indexers.kinds import IVF_KEY
-    from retrieval.index_update import sync
+    from retrieval.index_folder import read_index_folder
+    from retrieval.index_update import measured_recall, sync
     from retrieval.indexing import build_index_folder
     from retrieval.store import EmbeddingStore
     from retrieval.store_manifest import next_part, next_row
@@ -75,6 +77,10 @@ def bench_drift(n: int = 100_000, dim: int = 256, key: str | None = None, seed: 
         base = Path(tmp) / "base"
         vector_store(base / "store", synthetic_vectors(n, dim, seed, DATABASE))
         built = build_index_folder(base / "store", base, index_key=key, progress=progress)
+        info, index = read_index_folder(base)
+        start = measured_recall(index, EmbeddingStore(base / "store"), info["search_params"], None)
+        rows.append({"added": "none", "share": 0.0, "vectors": n, "ann_recall@10": round(start, 4),
+                     "rebuild_advised": False, "sync_seconds": 0.0})
         for label, new_seed in (("same", seed), ("shifted", seed + 1)):
             folder = Path(tmp) / label
             shutil.copytree(base, folder)
@@ -82,7 +88,7 @@ def bench_drift(n: int = 100_000, dim: int = 256, key: str | None = None, seed: 
             added = 0
             for share in SHARES:
                 want = int(share * n) - added
-                vectors = synthetic_vectors(want, dim, new_seed, QUERIES + 1 + len(rows))
+                vectors = synthetic_vectors(want, dim, new_seed, QUERIES + len(rows))
                 manifest = EmbeddingStore(store).manifest
                 parts = write_vectors(store, vectors, next_row(manifest), next_part(manifest))
                 commit_version(store, {"change": "add", "added": want}, parts=parts)
