@@ -13,7 +13,7 @@ from retrieval.errors import RetrievalError
 
 app = typer.Typer(help="Multimodal retrieval: encode corpora, build FAISS indexes, answer composed queries.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-index_app = typer.Typer(help="Build FAISS indexes.", no_args_is_help=True)
+index_app = typer.Typer(help="Build FAISS indexes and keep them in step with a changing corpus.", no_args_is_help=True)
 models_app = typer.Typer(help="Registered encoders.", no_args_is_help=True)
 data_app = typer.Typer(help="Benchmark data.", no_args_is_help=True)
 store_app = typer.Typer(help="Embedding stores.", no_args_is_help=True)

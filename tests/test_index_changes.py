@@ -307,6 +307,9 @@ def test_a_second_writer_is_refused_and_bad_requests_get_one_line(built, corpora
     for args, message in cases:
         assert message in one_error_line(run_cli(*args, check=False)), args
     assert EmbeddingStore(folder / "store").version == 1 and len(assert_consistent(folder)) == FIRST
+    run_cli("index", "delete", folder, "--where", "row < 5")  # the store has changed since it was encoded:
+    again = run_cli("encode", corpora["first"], "--model", "test-tiny", "--out", folder / "store", check=False)
+    assert "retrieval index add" in one_error_line(again)  # re-encoding it in place would lose the change
 
 
 def test_a_running_server_serves_the_new_version_without_a_restart(built, corpora, tmp_path):

@@ -34,6 +34,10 @@ SMALLER: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "index"), "--n", "10000"),
     (("bench", "serve"), "--requests", "30"),
     (("bench", "encode"), "--n", "200"),
+    (("bench", "update"), "--drift-n", "3000"),
+    (("bench", "update"), "--dim", "64"),
+    (("bench", "update"), "--n", "100"),
+    (("bench", "update"), "--add", "20"),
     (("bench", "train"), "--steps", "7"),
     (("bench", "train"), "--batch-size", "32"),
     (("demo",), "--n-shapes", "120"),
@@ -199,6 +203,13 @@ def check_compacted(out: str, cwd: Path) -> None:
     assert after < before and "removed 2 old files" in out, out
 
 
+def check_live_rows(out: str, cwd: Path) -> None:
+    """The store after the README's add, delete and compact: each live item once, read the same three ways."""
+    version, count, rows = map(int, out.splitlines()[0].split())
+    expected = duckdb.sql(f"SELECT count(*) FROM '{cwd}/shapes/corpus.jsonl'").fetchall()[0][0]
+    assert version == 4 and count == rows == expected and out.count(str(expected)) >= 3, out
+
+
 CHECKS: dict[str, Callable[[str, Path], None]] = {
     "index add idx-photos shapes/more.csv": check_added,
     "index delete idx-photos": check_deleted,
@@ -212,7 +223,8 @@ CHECKS: dict[str, Callable[[str, Path], None]] = {
     "--explain why.png": check_png("why.png"),
     "--explain tokens.png": check_png("tokens.png"),
     "--sparse-codes": check_codes,
-    "import retrieval": check_python,
+    'retrieval.load_encoder("sparc-tiny")': check_python,
+    'retrieval.open_store("idx-photos/store")': check_live_rows,
 }
 
 
