@@ -135,6 +135,14 @@ def index_compact(index: Path = typer.Argument(..., help="Index folder.")) -> No
     echo_lines(compact_index(index, progress=True))
 
 
+@index_app.command("sync")
+def index_sync(index: Path = typer.Argument(..., help="Index folder.")) -> None:
+    """Bring the index up to its store's newest version (changes made through another index over the store)."""
+    from retrieval.index_changes import sync_index
+
+    echo_lines(sync_index(index))
+
+
 @index_app.command("rebuild")
 def index_rebuild(
     index: Path = typer.Argument(..., help="Index folder."),
@@ -179,6 +187,10 @@ def search(
     check_rerank(image, text, rerank)
     set_threads(threads)
     searcher = open_index(index, device=device, fusion=fusion)
+    if searcher.behind:
+        typer.echo(f"note: the store has {searcher.behind} newer versions than this index follows (changed through "
+                   f"another index over it, or a change was cut short); `retrieval index sync {index}` catches up",
+                   err=True)
     if explain is not None:
         from retrieval.explain import check_explain
 
@@ -213,12 +225,15 @@ def serve(
     max_batch: int = typer.Option(32, "--max-batch", help="Most query items embedded in one model forward: "
                                                           "queries that arrive while one runs go together "
                                                           "(1: each alone)."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="A host name requests may be addressed to "
+                                                                      "besides loopback ones (repeatable); off "
+                                                                      "loopback, only these when given."),
 ) -> None:
     """Serve indexes over HTTP, warm: a JSON API (POST /search, /indexes, /items) and a web page at /."""
     from retrieval.server.run import serve as run
 
     run(index, host=host, port=port, device=device, threads=threads, max_upload=max_upload, max_batch=max_batch,
-        echo=lambda line: typer.echo(line, err=line.startswith("warning")))
+        allowed_hosts=allowed_host, echo=lambda line: typer.echo(line, err=line.startswith("warning")))
 
 
 def _echo_table(rows: list[tuple[str, ...]]) -> None:

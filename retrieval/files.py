@@ -87,8 +87,11 @@ def folder_lock(folder: str | os.PathLike, what: str, wait: bool = False) -> Ite
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except (BlockingIOError, PermissionError):
-            raise RetrievalError(f"{folder} is in use by another {what}; wait for it to finish, or use another "
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another job"
+            raise RetrievalError(f"{folder} is in use by {holder}; wait for it to finish, or use another "
                                  "folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what} (process {os.getpid()})".encode(), 0)  # so that a refused job can say who holds it
         try:
             yield
         finally:

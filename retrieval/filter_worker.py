@@ -13,6 +13,7 @@ the rows as int64 bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -41,7 +42,10 @@ class FilterWorker:
 
     def rows(self, where: str, column: str = "row") -> np.ndarray:
         """The values of `column` (int64, ascending) of the rows that satisfy `where`."""
-        with self.lock:
+        if not self.lock.acquire(timeout=FILTER_SECONDS):
+            raise RetrievalError(f"--where filter not run: other filters have held the filter process for "
+                                 f"{FILTER_SECONDS:g} s; try again")
+        with _held(self.lock):
             if self.proc is None or self.proc.poll() is not None:
                 self._start()
             deadline = time.monotonic() + FILTER_SECONDS + 10
@@ -83,6 +87,15 @@ class FilterWorker:
 
     def __del__(self) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _held(lock: threading.Lock):
+    """Release a lock already acquired when the block ends."""
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _send(pipe, payload: bytes) -> None:

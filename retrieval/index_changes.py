@@ -29,7 +29,7 @@ def add_items(folder: str | os.PathLike, items: str | os.PathLike | list[dict[st
     from retrieval.corpus import corpus_from_records, read_corpus
     from retrieval.encode import check_encode_options
     from retrieval.search import load_index_encoder
-    from retrieval.store_add import finish, plan_add, stage
+    from retrieval.store_add import finish, plan_add, replaced_rows, stage
 
     started = time.perf_counter()
     folder = Path(folder)
@@ -44,14 +44,14 @@ def add_items(folder: str | os.PathLike, items: str | os.PathLike | list[dict[st
         plan = plan_add(EmbeddingStore(store_path), corpus, upsert)
         entries, summary = stage(plan, EmbeddingStore(store_path), encoder, batch_size, workers, strict, progress,
                                  started)
-        added = sum(e["count"] for e in entries)
-        if added or len(plan.replaced):
-            commit_version(store_path, {"change": "add", "added": added, "replaced": len(plan.replaced),
-                                        "source": str(corpus.source)}, parts=entries, deleted=plan.replaced)
+        added, replaced = sum(e["count"] for e in entries), replaced_rows(plan, store_path, entries)
+        if added:
+            commit_version(store_path, {"change": "add", "added": added, "replaced": len(replaced),
+                                        "source": str(corpus.source)}, parts=entries, deleted=replaced)
         finish(store_path)
         notes += sync(folder, progress)
     store = EmbeddingStore(store_path)
-    lines = [f"index {folder}: added {added} (replacing {len(plan.replaced)}), unchanged {plan.unchanged}, "
+    lines = [f"index {folder}: added {added} (replacing {len(replaced)}), unchanged {plan.unchanged}, "
              f"skipped {summary.errors if summary else 0}; store version {store.version} holds {store.count} items "
              f"({time.perf_counter() - started:.1f} s)"]
     if summary and summary.error_reasons:
@@ -96,7 +96,7 @@ def read_ids(path: str | os.PathLike) -> list[str]:
     try:
         if path.stat().st_size > MAX_IDS_FILE:
             raise RetrievalError(f"--ids {path} is over {MAX_IDS_FILE >> 30} GB")
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first id
     except FileNotFoundError:
         raise RetrievalError(f"--ids file not found: {path}") from None
     except UnicodeDecodeError:
@@ -130,9 +130,21 @@ def compact_index(folder: str | os.PathLike, progress: bool = False) -> list[str
 def rebuild_index(folder: str | os.PathLike, index_key: str | None = None, progress: bool = True) -> list[str]:
     """Build the index again over its store's newest live rows (retraining an approximate index's quantiser)."""
     folder = Path(folder)
-    with updating(folder, "rebuild", progress) as (_, notes):
+    with updating(folder, "rebuild", progress, follow=False) as (_, notes):
         notes += rebuild_from(folder, read_index_json(folder), progress, "asked for", index_key)
     return notes
+
+
+def sync_index(folder: str | os.PathLike, progress: bool = False) -> list[str]:
+    """Bring an index up to its store's newest version (after changes made through another index over the same
+    store); returns lines for the user."""
+    folder = Path(folder)
+    with updating(folder, "sync", progress, follow=False) as (store_path, notes):
+        before = read_index_json(folder)["store"].get("version", 1)
+        notes = sync(folder, progress) + notes
+    now = EmbeddingStore(store_path)
+    return [f"index {folder}: at store version {now.version} (it was at {before}), {now.count} items"] + \
+        [f"note: {note}" for note in notes]
 
 
 def folder_bytes(*folders: Path) -> int:

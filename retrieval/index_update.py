@@ -24,7 +24,7 @@ import numpy as np
 from retrieval.errors import RetrievalError, indexer_errors
 from retrieval.files import folder_lock
 from retrieval.index_folder import clear_leftovers, commit, read_index_folder, read_index_json, write_index_file
-from retrieval.store import EmbeddingStore
+from retrieval.store import EmbeddingStore, VersionGone
 from retrieval.store_versions import clear_unlisted
 
 ADD_BATCH = 65_536
@@ -37,16 +37,21 @@ def store_path_of(folder: Path, info: dict[str, Any]) -> Path:
 
 
 @contextlib.contextmanager
-def updating(folder: str | os.PathLike, what: str, progress: bool = False) -> Iterator[tuple[Path, list[str]]]:
-    """Hold the index folder's lock and its store's, clear what killed changes left, and bring the index up to the
-    store; yields the store's path and notes for the user."""
+def updating(folder: str | os.PathLike, what: str, progress: bool = False,
+             follow: bool = True) -> Iterator[tuple[Path, list[str]]]:
+    """Hold the index folder's lock and its store's, clear what killed changes left, and (with `follow`) bring the
+    index up to the store; yields the store's path and notes for the user."""
     folder = Path(folder)
     store = store_path_of(folder, read_index_json(folder))
     with folder_lock(folder, f"index {what}"), folder_lock(store, f"index {what} (its store)"):
         clear_leftovers(folder)
         clear_unlisted(store)
         EmbeddingStore(store).require_intact()
-        yield store, sync(folder, progress)
+        notes = sync(folder, progress) if follow else []
+        if not store.resolve().is_relative_to(folder.resolve()):
+            notes.append(f"the store {store} is outside this index: other indexes over it follow its changes with "
+                         "`retrieval index sync`")
+        yield store, notes
 
 
 @indexer_errors()
@@ -63,7 +68,7 @@ def sync(folder: Path, progress: bool = False) -> list[str]:
                              f"reflects: it was replaced; run `retrieval index rebuild {folder}`")
     try:
         old = EmbeddingStore(store_path, version=at)
-    except RetrievalError:
+    except VersionGone:
         raise RetrievalError(f"this index reflects version {at} of store {store_path}, which the store no longer "
                              f"holds (another index over it compacted it); run `retrieval index rebuild {folder}`"
                              ) from None

@@ -19,7 +19,8 @@ import numpy as np
 from indexers.kinds import selector_params, supports_gpu
 from retrieval.errors import RetrievalError
 from retrieval.index_folder import INDEX_JSON, read_index_folder
-from retrieval.store import EmbeddingStore
+from retrieval.store import EmbeddingStore, VersionGone
+from retrieval.store_manifest import current_version
 
 EXACT_FILTER_MAX = 20_000  # allowed rows up to this are searched exactly
 MAX_THREADS = 256  # OpenMP crashes long before 100,000 threads
@@ -63,6 +64,7 @@ class SearchIndex:
         self.info, self.index = read_index_folder(self.path)
         self.store = index_store(self.path, self.info)
         self.store.pin()
+        self.behind = current_version(self.store.manifest) - self.store.version  # store versions not yet followed
         self._metadata = None
         self._filters = None
         self._composed: int | None = None
@@ -336,8 +338,11 @@ def check_query(image, text: str | None) -> str | None:
 def index_store(folder: Path, info: dict[str, Any]) -> EmbeddingStore:
     """The store version an index reflects, checked to be the one it was made from."""
     store_path = Path(info["store"]["path"])
-    store = EmbeddingStore(store_path if store_path.is_absolute() else folder / store_path,
-                           version=info["store"].get("version"))
+    try:
+        store = EmbeddingStore(store_path if store_path.is_absolute() else folder / store_path,
+                               version=info["store"].get("version"))
+    except VersionGone as e:
+        raise RetrievalError(f"{e} by another index over it; run `retrieval index rebuild {folder}`") from None
     if (store.fingerprint() != info["store"]["fingerprint"] or store.dim != info["dim"]
             or store.count != info["store"].get("count", info["count"])):
         raise RetrievalError(f"the store {store.path} changed since this index was built; "

@@ -79,6 +79,10 @@ def check_unit(vectors: np.ndarray, where: Path) -> np.ndarray:
     return vectors
 
 
+class VersionGone(RetrievalError):
+    """A store version that a compaction has dropped."""
+
+
 class EmbeddingStore:
     """Read access to one version of a store folder made by `retrieval encode` (default: the newest).
 
@@ -101,7 +105,7 @@ class EmbeddingStore:
             raise RetrievalError(f"{manifest_path} is malformed: {problem}")
         self.version = current_version(self.manifest) if version is None else version
         if not oldest_version(self.manifest) <= self.version <= current_version(self.manifest):
-            raise RetrievalError(f"store {self.path} no longer holds version {self.version} (it holds "
+            raise VersionGone(f"store {self.path} no longer holds version {self.version} (it holds "
                                  f"{oldest_version(self.manifest)} to {current_version(self.manifest)}): it was "
                                  "compacted since")
         self.parts = parts_of(self.manifest, self.version)

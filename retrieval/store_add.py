@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from retrieval.corpus import Corpus
 from retrieval.encode import EncodeSummary, encode_items
 from retrieval.errors import RetrievalError, first_line
+from retrieval.files import atomic_path, fsync_folder
 from retrieval.store import EmbeddingStore
 from retrieval.store_manifest import next_part, next_row
 
@@ -32,7 +34,7 @@ CORE = ("id", "image", "text")
 @dataclass
 class AddPlan:
     items: Corpus  # the items to encode: new ids, and with upsert the changed ones
-    replaced: np.ndarray  # the live rows the changed items replace
+    replacing: dict[str, int]  # id → live row, of the changed items (replaced only once their new row is encoded)
     unchanged: int  # items already live with the same content
 
 
@@ -79,13 +81,13 @@ def plan_add(store: EmbeddingStore, corpus: Corpus, upsert: bool) -> AddPlan:
         elif old != item:
             changed.append(item["id"])
             take.append(position)
-            replaced.append(row_of[item["id"]])
+            replaced.append(item["id"])
     if changed and not upsert:
         raise RetrievalError(f"items whose id is already in the index with other content: {len(changed)} (first: "
                              f"{changed[0]!r}); give --upsert to replace them")
     digest = hashlib.sha256(f"{corpus.fingerprint}:{upsert}:".encode() + np.asarray(take, np.int64).tobytes())
     chosen = replace(corpus, table=corpus.table.take(pa.array(take, pa.int64())), fingerprint=digest.hexdigest())
-    return AddPlan(chosen, np.asarray(sorted(replaced), np.int64), len(items) - len(take))
+    return AddPlan(chosen, {i: row_of[i] for i in replaced}, len(items) - len(take))
 
 
 def stage(plan: AddPlan, store: EmbeddingStore, encoder, batch_size: int, workers: int | None, strict: bool,
@@ -113,10 +115,22 @@ def stage(plan: AddPlan, store: EmbeddingStore, encoder, batch_size: int, worker
             continue
         target = store.path / part["file"]
         target.unlink(missing_ok=True)
-        os.link(staging / part["file"], target)
+        try:
+            os.link(staging / part["file"], target)
+        except OSError:  # a file system without hard links: a durable copy instead
+            with atomic_path(target) as tmp:
+                shutil.copyfile(staging / part["file"], tmp)
         entries.append({k: v for k, v in part.items() if k not in ("positions", "errors")}
                        | {"corpus": staged["corpus"]["source"], "paths": staged["corpus"]["paths"]})
+    fsync_folder(store.path)  # the links are durable before a manifest names them
     return entries, summary
+
+
+def replaced_rows(plan: AddPlan, store: Path, entries: list[dict[str, Any]]) -> np.ndarray:
+    """The live rows that the encoded parts replace: a changed item whose new version could not be encoded (a
+    broken image) keeps its old row."""
+    encoded = {i for entry in entries for i in pq.read_table(store / entry["file"], columns=["id"])["id"].to_pylist()}
+    return np.array(sorted(row for i, row in plan.replacing.items() if i in encoded), np.int64)
 
 
 def finish(store: Path) -> None:

@@ -55,14 +55,15 @@ def deletions_of(manifest: dict[str, Any], version: int) -> list[dict[str, Any]]
 
 
 def next_row(manifest: dict[str, Any]) -> int:
-    """The row id the next added item gets: one past every row id ever given."""
-    return max([manifest.get("first_row", 0), *(p["rows"][1] for p in manifest["parts"])])
+    """The row id the next added item gets: one past every row id ever given (`next_row` keeps the mark when the
+    parts that held the highest are dropped)."""
+    return max([manifest.get("first_row", 0), manifest.get("next_row", 0), *(p["rows"][1] for p in manifest["parts"])])
 
 
 def next_part(manifest: dict[str, Any]) -> int:
-    """The number of the next part file: one past every part named."""
-    return 1 + max([manifest.get("first_part", 0) - 1,
-                    *(int(PART_FILE.fullmatch(p["file"])[1]) for p in manifest["parts"])])
+    """The number of the next part file: one past every part ever named."""
+    return max([manifest.get("first_part", 0), manifest.get("next_part", 0),
+                *(int(PART_FILE.fullmatch(p["file"])[1]) + 1 for p in manifest["parts"])])
 
 
 def live_count(manifest: dict[str, Any], version: int) -> int:
@@ -85,8 +86,8 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     if not isinstance(extra, list) or not all(isinstance(c, str) and c not in CORE_COLUMNS for c in extra):
         return f"extra_columns must be a list of column names other than {', '.join(CORE_COLUMNS)}"
     if not all(has_type(manifest.get(k, 1), int) and manifest.get(k, 1) >= 0
-               for k in ("store_version", "oldest_version", "first_row", "first_part")):
-        return "store_version, oldest_version, first_row and first_part must be whole numbers"
+               for k in ("store_version", "oldest_version", "first_row", "first_part", "next_row", "next_part")):
+        return "store_version, oldest_version, first_row, first_part, next_row and next_part must be whole numbers"
     if not 1 <= oldest_version(manifest) <= current_version(manifest):
         return "oldest_version must be 1 to store_version"
     if not isinstance(manifest.get("deletions", []), list):

@@ -26,6 +26,7 @@ from retrieval.store_manifest import (
     live_count,
     manifest_problem,
     next_part,
+    next_row,
     part_name,
 )
 
@@ -109,6 +110,7 @@ def prune(store: Path, keep_from: int) -> list[str]:
             if e.get("removed") is not None and e["removed"] <= keep_from]
     if not gone:
         return []
+    manifest |= {"next_row": next_row(manifest), "next_part": next_part(manifest)}  # never given again
     for key in ("parts", "deletions"):
         manifest[key] = [e for e in manifest.get(key, []) if e["file"] not in gone]
     manifest["oldest_version"] = keep_from

@@ -6,6 +6,7 @@ again, leaves every live item exactly once and no deleted item searchable."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -154,6 +155,55 @@ def test_changed_content_needs_upsert_which_replaces_the_item(built, corpora, tm
     assert assert_consistent(folder).count(rows[3]["id"]) == 1
 
 
+def test_an_item_whose_new_version_cannot_be_read_keeps_its_old_one(built, corpora, tmp_path):
+    folder = fresh(built, "flat", tmp_path)
+    item = records(corpora["first"])[7]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(90)))
+    manifest = tmp_path / "fix.jsonl"
+    manifest.write_text(json.dumps(item | {"image": str(broken), "text": "a new caption"}) + "\n")
+    out = run_cli("index", "add", folder, manifest, "--workers", "0", "--upsert").stdout
+    assert "added 0 (replacing 0), unchanged 0, skipped 1" in out, out
+    searcher = retrieval.open_index(folder)
+    assert searcher.search(image=item["image"], text=item["text"], k=1)[0].text == item["text"]
+    assert EmbeddingStore(folder / "store").version == 1
+
+
+def test_row_ids_and_part_names_are_never_given_twice(built, corpora, tmp_path):
+    folder = fresh(built, "flat", tmp_path)
+    run_cli("index", "add", folder, corpora["more"], "--workers", "0")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\ufeff" + "".join(r["id"] + "\n" for r in records(corpora["more"])))  # with a byte-order mark
+    assert "deleted 100;" in run_cli("index", "delete", folder, "--ids", ids).stdout
+    run_cli("index", "compact", folder)
+    assert not (folder / "store" / "part-00001.parquet").exists()
+    renamed = tmp_path / "again.jsonl"
+    renamed.write_text("".join(json.dumps(r | {"id": "again-" + r["id"]}) + "\n" for r in records(corpora["more"])))
+    run_cli("index", "add", folder, renamed, "--workers", "0")
+    store = EmbeddingStore(folder / "store")
+    assert store.live_rows().max() == FIRST + 199 and store.live_rows()[FIRST] == FIRST + 100
+    assert max(p["file"] for p in store.parts) >= "part-00002.parquet"
+
+
+def test_indexes_sharing_a_store_follow_it_with_sync_or_rebuild(built, corpora, tmp_path):
+    store = tmp_path / "emb"
+    shutil.copytree(built["flat"] / "store", store)
+    run_cli("index", "build", store, "--out", tmp_path / "a", "--index-key", "Flat")
+    run_cli("index", "build", store, "--out", tmp_path / "b", "--index-key", "HNSW32")
+    out = run_cli("index", "add", tmp_path / "a", corpora["more"], "--workers", "0").stdout
+    assert "`retrieval index sync`" in out, out
+    behind = run_cli("search", "--index", tmp_path / "b", "--text", "a red circle", "--json")
+    assert len(json.loads(behind.stdout)) == 10 and "index sync" in behind.stderr
+    assert "at store version 2 (it was at 1), 400 items" in run_cli("index", "sync", tmp_path / "b").stdout
+    assert sorted(assert_consistent(tmp_path / "b")) == sorted(assert_consistent(tmp_path / "a"))
+    run_cli("index", "delete", tmp_path / "a", "--where", "row < 10")
+    run_cli("index", "compact", tmp_path / "a")
+    gone = run_cli("search", "--index", tmp_path / "b", "--text", "a red circle", check=False)
+    assert f"retrieval index rebuild {tmp_path / 'b'}" in one_error_line(gone)
+    run_cli("index", "rebuild", tmp_path / "b")
+    assert len(assert_consistent(tmp_path / "b")) == 390
+
+
 # ---------------------------------------------------------------------------------------------- delete, compact
 
 
@@ -287,9 +337,9 @@ def test_the_python_methods_and_a_reader_that_keeps_its_version(built, corpora, 
 
 def test_a_second_writer_is_refused_and_bad_requests_get_one_line(built, corpora, tmp_path):
     folder = fresh(built, "flat", tmp_path)
-    with folder_lock(folder, "test"):
+    with folder_lock(folder, "index add"):
         busy = run_cli("index", "delete", folder, "--where", "row < 5", check=False)
-    assert "in use" in one_error_line(busy)
+    assert f"in use by index add (process {os.getpid()})" in one_error_line(busy)
     cases = [
         (("index", "delete", folder), "--ids FILE or --where SQL"),
         (("index", "delete", folder, "--where", "row < 1", "--ids", tmp_path / "x"), "one of them"),

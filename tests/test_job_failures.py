@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import resource
 import shutil
 import string
@@ -103,7 +104,7 @@ def test_a_second_encode_into_the_same_folder_is_refused(corpus, tmp_path):
             time.sleep(0.01)
         assert first.poll() is None, "the first job ended before the second could start"
         second = run_cli(*args, check=False)
-        assert "is in use by another encode job" in one_error_line(second)
+        assert re.search(r"is in use by encode job \(process \d+\)", one_error_line(second))
         assert first.poll() is None
     finally:
         _, stderr = first.communicate(timeout=300)

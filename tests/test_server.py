@@ -30,10 +30,11 @@ UPLOAD_LIMIT = 2**20
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
-            ) -> tuple[int, dict[str, str], bytes]:
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
-        connection.request(method, path, body, {"Content-Type": content_type} if content_type else {})
+        connection.request(method, path, body, ({"Content-Type": content_type} if content_type else {})
+                           | (headers or {}))
         response = connection.getresponse()
         return response.status, dict(response.getheaders()), response.read()
     finally:
@@ -262,6 +263,42 @@ BAD_FORMS = {
     "early fusion asked for a mode": ({"text": "x", "fusion": "head"}, None, 400, "fuses early"),
     "unknown field": ({"txt": "x"}, None, 400, "unknown query field 'txt'"),
 }
+
+
+def bilevel_png(side: int) -> bytes:
+    """A real side × side image of 1-bit pixels: a few KB that decode to side² RGB pixels."""
+    out = io.BytesIO()
+    Image.new("1", (side, side), 1).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_one_request_decodes_at_most_64_megapixels_in_all(port):
+    image = base64.b64encode(bilevel_png(5000)).decode()  # 25 Mpx: two fit, the third does not
+    got, answer = post_json(port, [{"image": image, "k": 1}] * 3)
+    assert got == 400 and answer["error"] == "query 3: the images of one request may hold at most 64 megapixels"
+    got, answers = post_json(port, [{"image": image, "k": 1}] * 2)
+    assert got == 200 and len(answers) == 2
+
+
+def test_a_page_of_another_site_and_a_rebound_host_are_refused(port):
+    for headers, status in (({"Host": "attacker.example:8000"}, 421), ({"Host": f"evil.test:{port}"}, 421),
+                            ({"Origin": "http://attacker.example"}, 403),
+                            ({"Origin": f"http://localhost:{port}", "Host": f"127.0.0.1:{port}"}, 403)):
+        got, _, body = request(port, "GET", "/items/photos/0", headers=headers)
+        assert got == status and "error" in json.loads(body), headers
+        got, _, _ = request(port, "POST", "/search", json.dumps({"text": "x"}).encode(), "application/json",
+                            headers=headers)
+        assert got == status
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):  # the page's own requests
+        got, _, _ = request(port, "POST", "/search", json.dumps({"text": "a red circle"}).encode(),
+                            "application/json", headers={"Host": host, "Origin": f"http://{host}"})
+        assert got == 200, host
+
+
+def test_text_that_is_not_unicode_is_refused(port):
+    body = b'[{"text": "ok"}, {"text": "\\ud800 a lone surrogate"}]'
+    got, _, answer = request(port, "POST", "/search", body, "application/json")
+    assert got == 400 and json.loads(answer)["error"].startswith("query 2: text is not valid text")
 
 
 @pytest.mark.parametrize("case", list(BAD_FORMS))

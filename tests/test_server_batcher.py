@@ -86,3 +86,19 @@ def test_a_failing_query_fails_alone(tiny):
         np.testing.assert_allclose(other.result(30).vectors, tiny.encode(texts=[TEXTS[2]]), atol=1e-5)
     finally:
         batcher.close()
+
+
+def test_a_cancelled_query_is_skipped_and_the_thread_serves_on(tiny):
+    held = HeldEncoder(tiny)
+    batcher = EncodeBatcher(max_batch=8)
+    try:
+        first = batcher.submit(held, [(None, TEXTS[0])])
+        assert held.started.wait(30)
+        cancelled, after = batcher.submit(held, [(None, TEXTS[1])]), batcher.submit(held, [(None, TEXTS[2])])
+        assert cancelled.cancel()
+        held.release.set()
+        assert first.result(30).vectors.shape[0] == 1 and after.result(30).vectors.shape[0] == 1
+        assert held.batches == [1, 1]  # the cancelled query took no place in a forward
+        assert batcher.submit(held, [(None, TEXTS[3])]).result(30).vectors.shape[0] == 1
+    finally:
+        batcher.close()

@@ -164,7 +164,7 @@ def test_a_malformed_store_manifest_is_one_clear_error(copy, edit):
 
 def test_store_verify_checks_row_ids_against_the_manifest(copy):
     """A part whose row ids are not its manifest range (rewritten whole, its checksums recorded again) would
-    give hits the wrong metadata: the full check reads them."""
+    give hits the wrong metadata: the footer's row-id statistics give it away, to the cheap check too."""
     store, _ = copy
     part = EmbeddingStore(store).part_paths[1]
     table = pq.read_table(part)
@@ -174,5 +174,7 @@ def test_store_verify_checks_row_ids_against_the_manifest(copy):
                              "tail_sha256": tail_sha256(part)}
     (store / "manifest.json").write_text(json.dumps(manifest))
     proc = run_cli("store", "verify", store, check=False)
-    assert proc.returncode == 2 and f"damaged: {part.name}: its row ids are not the manifest's range [600, 1200]" \
-        in proc.stdout
+    assert proc.returncode == 2 and \
+        f"damaged: {part.name}: its row ids 0 to 599 do not match the manifest's range [600, 1200]" in proc.stdout
+    assert EmbeddingStore(store).damaged_parts() == [f"{part.name}: its row ids 0 to 599 do not match the "
+                                                     "manifest's range [600, 1200]"]

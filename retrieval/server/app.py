@@ -13,6 +13,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException
 from retrieval.errors import RetrievalError, first_line
 from retrieval.server.batcher import EncodeBatcher
 from retrieval.server.indexes import NotFound, ServedIndex
-from retrieval.server.queries import Query, form_query, json_queries, parse_query, read_upload
+from retrieval.server.queries import PixelBudget, Query, form_query, json_queries, parse_query, read_upload
 
 STATIC = Path(__file__).with_name("static")
 PAGE = {"/": ("index.html", "text/html; charset=utf-8"), "/static/app.js": ("app.js", "text/javascript"),
@@ -68,6 +69,36 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class HostCheck:
+    """ASGI middleware: answer only requests whose Host is one of `allowed` (None: any), and refuse a request from
+    a page of another origin. A server on loopback is otherwise reachable from any web page the user opens, by
+    DNS rebinding (a Host of the attacker's name) or by cross-site POSTs."""
+
+    def __init__(self, app, allowed: set[str] | None):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.allowed is not None and host_name(host) not in self.allowed:
+            return await error(421, f"this server answers to {', '.join(sorted(self.allowed))}, not {host[:100]!r} "
+                                    "(serve --allowed-host adds a name)")(scope, receive, send)
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and origin != "null" and urlsplit(origin).netloc.lower() != host.lower():
+            return await error(403, "requests from the pages of other sites are refused")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """The name of a Host header, without its port: 'localhost:8000' → 'localhost', '[::1]:80' → '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
 def too_large(limit: int) -> JSONResponse:
     size = next(f"{limit / 2**p:.4g} {unit}" for p, unit in ((20, "MB"), (10, "KB"), (0, "bytes")) if limit >= 2**p)
     return error(413, f"the request is over the upload limit of {size} (--max-upload)")
@@ -77,9 +108,10 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(indexes: dict[str, ServedIndex], max_upload: int = 10 * 2**20, max_batch: int = 32) -> FastAPI:
+def create_app(indexes: dict[str, ServedIndex], max_upload: int = 10 * 2**20, max_batch: int = 32,
+               allowed_hosts: set[str] | None = None) -> FastAPI:
     """The app over indexes already opened; `max_upload`: bytes of one request body; `max_batch`: most query
-    items in one model forward."""
+    items in one model forward; `allowed_hosts`: the Host names it answers to (None: any)."""
     batcher = EncodeBatcher(max_batch)
     names = list(indexes)
     page = {route: ((STATIC / file).read_bytes(), media) for route, (file, media) in PAGE.items()}
@@ -91,6 +123,7 @@ def create_app(indexes: dict[str, ServedIndex], max_upload: int = 10 * 2**20, ma
 
     app = FastAPI(title="retrieval", lifespan=lifespan, docs_url=None, redoc_url=None)  # their pages load a CDN
     app.add_middleware(BodyLimit, limit=max_upload)
+    app.add_middleware(HostCheck, allowed=allowed_hosts)
 
     @app.exception_handler(RetrievalError)
     async def refused(_request: Request, e: RetrievalError) -> JSONResponse:
@@ -200,10 +233,10 @@ def create_app(indexes: dict[str, ServedIndex], max_upload: int = 10 * 2**20, ma
 
 
 def _parse_all(raws: list[dict[str, Any]], names: list[str]) -> list[Query]:
-    queries = []
+    queries, budget = [], PixelBudget()
     for i, raw in enumerate(raws):
         try:
-            queries.append(parse_query(raw, names))
+            queries.append(parse_query(raw, names, budget))
         except RetrievalError as e:
             raise RetrievalError(_numbered(e, i, len(raws) > 1)) from None
     return queries

@@ -68,9 +68,15 @@ class EncodeBatcher:
                 size += len(job.items)
             groups: dict[int, list[_Job]] = {}
             for job in jobs:
-                groups.setdefault(id(job.encoder), []).append(job)
+                if job.future.set_running_or_notify_cancel():  # a job its caller cancelled is skipped
+                    groups.setdefault(id(job.encoder), []).append(job)
             for group in groups.values():
-                self._embed(group)
+                try:
+                    self._embed(group)
+                except BaseException as error:  # nothing may end this thread: its jobs fail, the next ones run
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(error)
             if stop:
                 return
 

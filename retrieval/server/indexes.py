@@ -25,6 +25,7 @@ from retrieval.images import ImageReadError, decode_image
 from retrieval.index_folder import INDEX_JSON
 from retrieval.paths import PathPolicy, PathRefused, is_within
 from retrieval.search import SearchIndex, open_index
+from retrieval.server.queries import DECODING
 from retrieval.store import EmbeddingStore
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -32,7 +33,7 @@ MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
                ".gif": "image/gif", ".webp": "image/webp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 MAX_IMAGE_FILE = 64 * 2**20  # bytes of one served image file
 THUMBNAIL_SIZES = range(16, 1025)
-CHECK_SECONDS = 1.0  # how often a served index looks for a newer version of its folder
+CHECK_SECONDS = 0.5  # how often a served index looks for a newer version of its folder
 log = logging.getLogger("retrieval.serve")
 
 
@@ -41,28 +42,15 @@ class NotFound(RetrievalError):
 
 
 class ServedIndex:
-    """An index served under a name. It follows its folder: when index.json changes (an `index add`, `delete`,
-    `compact` or `build`), the new version is opened in the background with the same encoder and swapped in;
-    queries already running finish on the version they started with."""
+    """An index served under a name. It follows its folder: a watcher thread looks at index.json every
+    CHECK_SECONDS, and when it has changed (an `index add`, `delete`, `compact`, `sync` or `build`) opens the new
+    version with the same encoder and swaps it in; queries already running finish on the version they began with."""
 
     def __init__(self, name: str, folder: Path, searcher: SearchIndex):
         self.name, self.folder = name, Path(folder)
-        self._searcher, self.columns = searcher, column_types(searcher.metadata)
+        self.searcher, self.columns = searcher, column_types(searcher.metadata)
         self._seen = self._signature()
-        self._checked = time.monotonic()
-        self._lock = threading.Lock()
-
-    @property
-    def searcher(self) -> SearchIndex:
-        """The newest version opened so far (checking for a newer one at most every CHECK_SECONDS)."""
-        now = time.monotonic()
-        if now - self._checked >= CHECK_SECONDS:
-            self._checked = now
-            signature = self._signature()
-            if signature != self._seen and self._lock.acquire(blocking=False):
-                threading.Thread(target=self._reload, args=(signature,), name=f"reload-{self.name}",
-                                 daemon=True).start()
-        return self._searcher
+        threading.Thread(target=self._watch, name=f"watch-{name}", daemon=True).start()
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -71,17 +59,22 @@ class ServedIndex:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def _reload(self, signature) -> None:
+    def _watch(self) -> None:
+        while True:
+            time.sleep(CHECK_SECONDS)
+            signature = self._signature()
+            if signature != self._seen:
+                self._reload()
+                self._seen = signature
+
+    def _reload(self) -> None:
         try:
-            searcher = SearchIndex(self.folder, encoder=self._searcher.encoder)
-            self.columns, self._searcher = column_types(searcher.metadata), searcher
+            searcher = SearchIndex(self.folder, encoder=self.searcher.encoder)
+            self.columns, self.searcher = column_types(searcher.metadata), searcher
             log.info("index %r: now serving store version %s", self.name, searcher.store.version)
         except Exception as e:  # a broken or mismatched change: keep serving what was open
             log.warning("index %r changed but cannot be opened, still serving the version before: %s",
                         self.name, first_line(e))
-        finally:
-            self._seen = signature
-            self._lock.release()
 
     def describe(self) -> dict[str, Any]:
         """What a client needs to query this index and build a filter form for it."""
@@ -130,7 +123,8 @@ class ServedIndex:
         if size is None:
             return data, media
         try:
-            image = decode_image(data, path)
+            with DECODING:
+                image = decode_image(data, path)
         except ImageReadError as e:
             raise NotFound(f"item {row} of index {self.name!r}: {e}") from None
         image.thumbnail((size, size))

@@ -7,18 +7,29 @@ import base64
 import binascii
 import json
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from retrieval.errors import RetrievalError
-from retrieval.images import decode_image
+from retrieval.images import MAX_IMAGE_PIXELS, ImageReadError, decode_image
 from retrieval.search import check_k, check_query, check_rerank
 
 FIELDS = ("index", "image", "text", "k", "where", "fusion", "rerank")
 MAX_K = 1000
 MAX_QUERIES = 64  # in one request
+REQUEST_PIXELS = 64_000_000  # decoded pixels of all the images of one request
+QUERY_SIDE = 1024  # a query image is kept at most this large (the encoders read 224 to 256 px)
+DECODING = threading.BoundedSemaphore(2)  # images decoded at once: each may briefly take 256 MB
+
+
+class PixelBudget:
+    """What is left of one request's REQUEST_PIXELS."""
+
+    def __init__(self, pixels: int = REQUEST_PIXELS):
+        self.left = pixels
 
 
 @dataclass
@@ -68,15 +79,16 @@ async def read_upload(query: dict[str, Any]) -> dict[str, Any]:
     return query
 
 
-def parse_query(raw: dict[str, Any], indexes: list[str]) -> Query:
-    """A checked query, its image decoded; `indexes` are the names served (the first is the default)."""
+def parse_query(raw: dict[str, Any], indexes: list[str], budget: PixelBudget | None = None) -> Query:
+    """A checked query, its image decoded (within `budget`); `indexes` are the names served (the first is the
+    default)."""
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise RetrievalError(f"unknown query field {unknown[0]!r}: the fields are {', '.join(FIELDS)}")
     index = _text_field(raw, "index") or indexes[0]
     if index not in indexes:
         raise RetrievalError(f"no index named {index!r}: this server has {', '.join(indexes)}")
-    image = _image(raw.get("image"))
+    image = _image(raw.get("image"), budget or PixelBudget())
     text = _text_field(raw, "text")
     text = check_query(image, text)
     k = _int_field(raw, "k", 10)
@@ -96,6 +108,8 @@ def _text_field(raw: dict[str, Any], key: str) -> str | None:
     value = raw.get(key)
     if value is not None and not isinstance(value, str):
         raise RetrievalError(f"{key} must be a string, not {_kind(value)}")
+    if value is not None and any("\ud800" <= ch <= "\udfff" for ch in value):
+        raise RetrievalError(f"{key} is not valid text: it holds a lone UTF-16 surrogate")
     return value
 
 
@@ -110,8 +124,9 @@ def _int_field(raw: dict[str, Any], key: str, default: int) -> int:
     return value
 
 
-def _image(value: Any) -> Image.Image | None:
-    """A query image from an upload's bytes or a base64 string (optionally a data: URL), decoded and checked."""
+def _image(value: Any, budget: PixelBudget) -> Image.Image | None:
+    """A query image from an upload's bytes or a base64 string (optionally a data: URL), decoded within the
+    request's pixel budget and kept at most QUERY_SIDE px a side."""
     if value is None or value == "":
         return None
     if isinstance(value, str):
@@ -125,7 +140,20 @@ def _image(value: Any) -> Image.Image | None:
             raise RetrievalError("image is not valid base64 (give the file's bytes, base64-encoded)") from None
     if not isinstance(value, bytes):
         raise RetrievalError(f"image must be an uploaded file or a base64 string, not {_kind(value)}")
-    return decode_image(value, "the uploaded image")
+    over = f"the images of one request may hold at most {REQUEST_PIXELS // 1_000_000} megapixels"
+    if budget.left <= 0:
+        raise RetrievalError(over)
+    limit = min(budget.left, MAX_IMAGE_PIXELS)
+    with DECODING:
+        try:
+            image = decode_image(value, "the uploaded image", max_pixels=limit)
+        except ImageReadError as e:
+            if limit < MAX_IMAGE_PIXELS and str(e).startswith("image too large:"):
+                raise RetrievalError(over) from None
+            raise
+        budget.left -= image.width * image.height
+        image.thumbnail((QUERY_SIDE, QUERY_SIDE), Image.Resampling.BICUBIC)
+    return image
 
 
 def _kind(value: Any) -> str:

@@ -17,10 +17,15 @@ MAX_CONNECTIONS = 256  # open at once; beyond, uvicorn answers 503
 KEEP_ALIVE_S = 15
 
 
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+SHUTDOWN_S = 5  # after Ctrl-C or SIGTERM, requests still running get this long
+
+
 def serve(index_specs: list[str], host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          threads: int = 1, max_upload: str = "10MB", max_batch: int = 32,
+          threads: int = 1, max_upload: str = "10MB", max_batch: int = 32, allowed_hosts: list[str] = (),
           echo: Callable[[str], None] = print) -> None:
-    """Serve the indexes (`DIR` or `NAME=DIR` each) on host:port until interrupted."""
+    """Serve the indexes (`DIR` or `NAME=DIR` each) on host:port until interrupted. On loopback it answers only
+    requests addressed to a loopback name or one of `allowed_hosts`; elsewhere any name unless some are given."""
     import uvicorn
     from PIL import Image
 
@@ -39,10 +44,13 @@ def serve(index_specs: list[str], host: str = "127.0.0.1", port: int = 8000, dev
     blank = Image.new("RGB", (64, 64), "white")
     for index in served.values():  # the first real query should not pay for lazy set-up (the filter process too)
         index.searcher.search(image=blank, text="warm up", k=1, where="row >= 0")
-    app = create_app(served, max_upload=upload_limit, max_batch=max_batch)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, limit_concurrency=MAX_CONNECTIONS,
-                            timeout_keep_alive=KEEP_ALIVE_S, server_header=False)
     bound_host, bound_port = sock.getsockname()[:2]
+    names = {name.lower() for name in allowed_hosts}
+    allowed = LOOPBACK_NAMES | names if is_loopback(bound_host) else (names | {bound_host} if names else None)
+    app = create_app(served, max_upload=upload_limit, max_batch=max_batch, allowed_hosts=allowed)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, limit_concurrency=MAX_CONNECTIONS,
+                            timeout_keep_alive=KEEP_ALIVE_S, server_header=False,
+                            timeout_graceful_shutdown=SHUTDOWN_S)
     where = f"[{bound_host}]" if ":" in bound_host else bound_host
     if not is_loopback(bound_host):
         echo(f"warning: listening on {bound_host}, not loopback: anyone who can reach this port can search these "
