@@ -95,6 +95,7 @@ def folder_lock(folder: str | os.PathLike, what: str, wait: bool = False) -> Ite
         try:
             yield
         finally:
+            os.ftruncate(fd, 0)  # a folder no job holds has an empty lock file
             fcntl.lockf(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

@@ -24,6 +24,7 @@ from conftest import DURABILITY_CALLS, RETRIEVAL, STRACE, kill_at, needs_strace,
 import retrieval
 from evaluation.shapesworld import make_shapesworld
 from retrieval.files import folder_lock
+from retrieval.index_changes import add_items, delete_items
 from retrieval.index_folder import read_index_folder
 from retrieval.index_update import store_path_of
 from retrieval.indexing import build_index_folder
@@ -57,6 +58,16 @@ def built(corpora, tmp_path_factory) -> dict[str, Path]:
         build_index_folder(corpora["first"], folders[kind], model="test-tiny", index_key=key, progress=False,
                            encode_options={"workers": 0, "batch_size": 64})
     return folders
+
+
+@pytest.fixture(scope="module")
+def grown(built, corpora, tmp_path_factory) -> dict[str, Path]:
+    """Each built index with the other 100 items added (in process: the add is not what these tests look at)."""
+    base = tmp_path_factory.mktemp("grown")
+    for kind, folder in built.items():
+        shutil.copytree(folder, base / kind)
+        add_items(base / kind, corpora["more"], workers=0, progress=False)
+    return {kind: base / kind for kind in built}
 
 
 def fresh(built: dict[str, Path], kind: str, tmp_path: Path) -> Path:
@@ -125,11 +136,9 @@ def test_added_items_are_found_first_by_their_own_image_and_text(kind, built, co
     assert "added 0 (replacing 0), unchanged 100" in again and "store version 2" in again, again
 
 
-def test_an_add_records_what_it_measured_and_the_ivf_keeps_its_training(built, corpora, tmp_path):
-    folder = fresh(built, "ivf", tmp_path)
-    _, before = read_index_folder(folder)
-    run_cli("index", "add", folder, corpora["more"], "--workers", "0")
-    info, after = read_index_folder(folder)
+def test_an_add_records_what_it_measured_and_the_ivf_keeps_its_training(built, grown):
+    _, before = read_index_folder(built["ivf"])
+    info, after = read_index_folder(grown["ivf"])
     assert np.array_equal(faiss.rev_swig_ptr(faiss.downcast_index(after.quantizer).get_xb(), 8 * info["dim"]),
                           faiss.rev_swig_ptr(faiss.downcast_index(before.quantizer).get_xb(), 8 * info["dim"]))
     assert info["updates"][-1] | {"ann_recall@10": 0} == {"version": 2, "added": 100, "removed": 0,
@@ -169,9 +178,8 @@ def test_an_item_whose_new_version_cannot_be_read_keeps_its_old_one(built, corpo
     assert EmbeddingStore(folder / "store").version == 1
 
 
-def test_row_ids_and_part_names_are_never_given_twice(built, corpora, tmp_path):
-    folder = fresh(built, "flat", tmp_path)
-    run_cli("index", "add", folder, corpora["more"], "--workers", "0")
+def test_row_ids_and_part_names_are_never_given_twice(grown, corpora, tmp_path):
+    folder = fresh(grown, "flat", tmp_path)
     ids = tmp_path / "ids.txt"
     ids.write_text("\ufeff" + "".join(r["id"] + "\n" for r in records(corpora["more"])))  # with a byte-order mark
     assert "deleted 100;" in run_cli("index", "delete", folder, "--ids", ids).stdout
@@ -179,7 +187,7 @@ def test_row_ids_and_part_names_are_never_given_twice(built, corpora, tmp_path):
     assert not (folder / "store" / "part-00001.parquet").exists()
     renamed = tmp_path / "again.jsonl"
     renamed.write_text("".join(json.dumps(r | {"id": "again-" + r["id"]}) + "\n" for r in records(corpora["more"])))
-    run_cli("index", "add", folder, renamed, "--workers", "0")
+    add_items(folder, renamed, workers=0, progress=False)
     store = EmbeddingStore(folder / "store")
     assert store.live_rows().max() == FIRST + 199 and store.live_rows()[FIRST] == FIRST + 100
     assert max(p["file"] for p in store.parts) >= "part-00002.parquet"
@@ -208,9 +216,8 @@ def test_indexes_sharing_a_store_follow_it_with_sync_or_rebuild(built, corpora, 
 
 
 @pytest.mark.parametrize("kind", KEYS)
-def test_deleted_items_are_never_returned_and_k_results_still_come(kind, built, corpora, tmp_path):
-    folder = fresh(built, kind, tmp_path)
-    run_cli("index", "add", folder, corpora["more"], "--workers", "0")
+def test_deleted_items_are_never_returned_and_k_results_still_come(kind, grown, corpora, tmp_path):
+    folder = fresh(grown, kind, tmp_path)
     out = run_cli("index", "delete", folder, "--where", "row % 8 = 0").stdout
     assert "deleted 50; store version 3 holds 350 items" in out, out
     gone = [r for i, r in enumerate(records(corpora["first"]) + records(corpora["more"])) if i % 8 == 0]
@@ -228,10 +235,9 @@ def test_deleted_items_are_never_returned_and_k_results_still_come(kind, built, 
 
 
 @pytest.mark.parametrize("kind", KEYS)
-def test_compact_keeps_the_answers_and_frees_disk(kind, built, corpora, tmp_path):
-    folder = fresh(built, kind, tmp_path)
-    run_cli("index", "add", folder, corpora["more"], "--workers", "0")
-    run_cli("index", "delete", folder, "--where", "row % 4 = 1")
+def test_compact_keeps_the_answers_and_frees_disk(kind, grown, corpora, tmp_path):
+    folder = fresh(grown, kind, tmp_path)
+    delete_items(folder, where="row % 4 = 1")
     queries = unique(records(corpora["more"]))[:15]
 
     def answers() -> list[list[tuple[str, float]]]:
@@ -298,7 +304,7 @@ TAMPERED = {
 @pytest.mark.parametrize("how", [*TAMPERED, "a deletion file changed"])
 def test_a_tampered_version_record_is_refused_with_one_line(how, built, corpora, tmp_path):
     folder = fresh(built, "flat", tmp_path)
-    run_cli("index", "delete", folder, "--where", "row < 10")
+    delete_items(folder, where="row < 10")
     manifest_path = folder / "store" / "manifest.json"
     if how in TAMPERED:
         manifest = json.loads(manifest_path.read_text())
@@ -408,8 +414,7 @@ def durability_moments(*args, log: Path, n: int = 7) -> list[tuple[str, int]]:
 
 
 CHANGES = {  # name: (kind, what runs before, the command's arguments after the folder)
-    "add": ("flat", [], ["add", "{more}", "--workers", "0"]),
-    "upsert": ("ivf", [], ["add", "{more}", "--workers", "0", "--upsert"]),
+    "add": ("ivf", [], ["add", "{more}", "--workers", "0", "--upsert"]),
     "delete": ("hnsw", [["add", "{more}", "--workers", "0"]], ["delete", "--where", "row % 3 = 0"]),
     "compact": ("hnsw", [["add", "{more}", "--workers", "0"], ["delete", "--where", "row % 3 = 0"]], ["compact"]),
 }
@@ -418,11 +423,11 @@ CHANGES = {  # name: (kind, what runs before, the command's arguments after the 
 @pytest.mark.slow
 @needs_strace
 @pytest.mark.parametrize("change", CHANGES)
-def test_sigkill_at_several_moments_then_the_same_command(change, built, corpora, tmp_path):
+def test_sigkill_at_several_moments_then_the_same_command(change, built, grown, corpora, tmp_path):
     kind, before, command = CHANGES[change]
-    base = fresh(built, kind, tmp_path / "base")
-    for args in before:
-        run_cli("index", args[0], base, *[a.format(more=corpora["more"]) for a in args[1:]])
+    base = fresh(grown if before else built, kind, tmp_path / "base")
+    if len(before) > 1:
+        delete_items(base, where=before[1][-1])
     args = ["index", command[0], "{folder}", *[a.format(more=corpora["more"]) for a in command[1:]]]
     old_ids = sorted(assert_consistent(base))
     traced = tmp_path / "traced"
