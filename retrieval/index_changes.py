@@ -41,9 +41,9 @@ def add_items(folder: str | os.PathLike, items: str | os.PathLike | list[dict[st
     if encoder.weights_sha256 != info["encoder"]["weights_sha256"]:
         raise RetrievalError(f"the encoder given is not the one index {folder} was built with")
     with updating(folder, "add", progress) as (store_path, notes):
-        plan = plan_add(EmbeddingStore(store_path), corpus, upsert)
-        entries, summary = stage(plan, EmbeddingStore(store_path), encoder, batch_size, workers, strict, progress,
-                                 started)
+        store = EmbeddingStore(store_path)
+        plan = plan_add(store, corpus, upsert)
+        entries, summary = stage(plan, store, encoder, batch_size, workers, strict, progress, started)
         added, replaced = sum(e["count"] for e in entries), replaced_rows(plan, store_path, entries)
         if added:
             commit_version(store_path, {"change": "add", "added": added, "replaced": len(replaced),

@@ -59,7 +59,7 @@ def sync(folder: Path, progress: bool = False) -> list[str]:
     """Bring the index up to its store's newest version; returns notes (a recall drop after adds)."""
     import faiss
 
-    info, index = read_index_folder(folder)
+    info = read_index_json(folder)
     store_path = store_path_of(folder, info)
     now = EmbeddingStore(store_path)
     at = info["store"].get("version", 1)
@@ -77,6 +77,7 @@ def sync(folder: Path, progress: bool = False) -> list[str]:
                              f"`retrieval index rebuild {folder}`")
     if now.version == at:
         return []
+    info, index = read_index_folder(folder)  # read only when there is something to follow
     removal = info.get("removal")
     if removal == "selector" and {d["file"] for d in old.deletions} - {d["file"] for d in now.deletions}:
         return rebuild_from(folder, info, progress, "its deleted rows were compacted away")
