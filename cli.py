@@ -441,12 +441,22 @@ def train_(
 
 @app.command("eval")
 def eval_(
-    tasks: str = typer.Argument(..., help="all, or task names: t2i,i2t,zeroshot,tgit,tgit-pool,vqa,pos "
-                                          "(or dataset/task, e.g. digits/t2i)."),
+    tasks: str = typer.Argument(..., help="A benchmark in its published layout (mmeb, cirr, fashioniq, coco, "
+                                          "flickr30k, imagefolder; with --data DIR), or generated tasks: all, "
+                                          "t2i,i2t,zeroshot,tgit,tgit-pool,vqa,pos (or dataset/task, e.g. "
+                                          "digits/t2i)."),
     model: str = typer.Option(..., "--model", help="Model names or checkpoint folders, comma-separated, or all."),
-    data: list[Path] | None = typer.Option(None, "--data", help="Benchmark folder (repeatable); default: "
+    data: list[Path] | None = typer.Option(None, "--data", help="The benchmark's folder; for generated tasks a "
+                                                               "benchmark folder (repeatable), default: "
                                                                "generated ShapesWorld and Digits."),
-    k: str = typer.Option("1,5,10", "--k", help="Cut-offs for hit@k and recall@k."),
+    subsets: str | None = typer.Option(None, "--subsets", help="Benchmark subsets, comma-separated (MMEB's "
+                                                               "datasets, FashionIQ's categories); default all."),
+    limit: int | None = typer.Option(None, "--limit", help="At most N queries per benchmark task, spread evenly "
+                                                          "(candidate pools stay whole)."),
+    protocol: str | None = typer.Option(None, "--protocol", help="mmeb only: mmeb (MMEB's own texts, the "
+                                                                 "default) or fuselip (FuseLIP's changes)."),
+    k: str | None = typer.Option(None, "--k", help="Generated tasks: cut-offs for hit@k and recall@k "
+                                                  "(default 1,5,10); benchmarks use their own."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
     markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the report as Markdown."),
     plot_out: Path | None = typer.Option(None, "--plot", help="Write a PNG bar chart."),
@@ -454,16 +464,34 @@ def eval_(
     batch_size: int = typer.Option(128, "--batch-size"),
     rerank: int = typer.Option(0, "--rerank", help="Also score text → image tasks with the best N re-ranked by "
                                                    "word-to-patch alignment, where a model has it: a 'rerank@N' row."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Benchmarks: read images through "
+                                                                          "symlinks that leave --data."),
 ) -> None:
     """Recall@k benchmarks: one table of every model (and fusion mode) × task."""
     from evaluation import report
-    from evaluation.evaluate import run_eval
+    from evaluation.benchmarks import BENCHMARKS
 
-    try:
-        ks = [int(x) for x in k.split(",") if x.strip()]
-    except ValueError:
-        raise RetrievalError(f"--k must be comma-separated integers, not {k!r}") from None
-    result = run_eval(tasks, model, data=data, ks=ks, device=device, batch_size=batch_size, rerank=rerank)
+    if tasks in BENCHMARKS:
+        from evaluation.benchmark_eval import run_benchmark
+
+        if len(data or []) != 1:
+            raise RetrievalError(f"eval {tasks} needs --data DIR: the folder holding the benchmark")
+        if k is not None or rerank:
+            raise RetrievalError(f"{tasks} has its own cut-offs and no re-ranking: leave out --k and --rerank")
+        chosen = [s.strip() for s in subsets.split(",") if s.strip()] if subsets else None
+        result = run_benchmark(tasks, data[0], model, chosen, limit, protocol, device=device, batch_size=batch_size,
+                               follow_symlinks=follow_symlinks)
+    else:
+        from evaluation.evaluate import run_eval
+
+        if subsets or limit is not None or protocol or follow_symlinks:
+            raise RetrievalError("--subsets, --limit, --protocol and --follow-symlinks are for benchmarks "
+                                 f"({', '.join(BENCHMARKS)})")
+        try:
+            ks = [int(x) for x in (k or "1,5,10").split(",") if x.strip()]
+        except ValueError:
+            raise RetrievalError(f"--k must be comma-separated integers, not {k!r}") from None
+        result = run_eval(tasks, model, data=data, ks=ks, device=device, batch_size=batch_size, rerank=rerank)
     typer.echo("\n".join(report.summary_lines(result)))
     for path, write in ((json_out, report.write_json), (markdown_out, report.write_markdown),
                         (plot_out, report.plot)):

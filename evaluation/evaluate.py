@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from evaluation.benchmark_folder import read_dataset
 from evaluation.data import DATASETS, default_data_dir
-from evaluation.metrics import chance_top1, mean_metrics, query_metrics
+from evaluation.metrics import chance_metrics, mean_metrics, query_metrics
 from evaluation.tasks import Item, Query, Task, list_tasks, read_task
 from retrieval.errors import RetrievalError
 
@@ -56,23 +56,41 @@ class EmbeddingCache:
 Rescorer = Callable[[Query, list[str], np.ndarray], np.ndarray]
 
 
+def _query_scores(task: Task, queries: np.ndarray, candidates: np.ndarray, block: int = 256
+                  ) -> Iterator[tuple[Query, np.ndarray, np.ndarray]]:
+    """(query, positions of its candidates in the pool, their scores) for every query, its excluded candidates
+    left out; a pool task's scores come a block of queries at a time."""
+    index = task.candidate_index()
+    pool = np.arange(len(task.candidates))
+    for start in range(0, len(task.queries), block):
+        chunk = task.queries[start:start + block]
+        pool_scores = queries[start:start + block] @ candidates.T if any(q.candidates is None for q in chunk) \
+            else None
+        for offset, q in enumerate(chunk):
+            if q.candidates is None:
+                where, scores = pool, pool_scores[offset]
+            else:
+                where = np.array([index[c] for c in q.candidates], dtype=np.int64)
+                scores = candidates[where] @ queries[start + offset]
+            if q.exclude:
+                keep = ~np.isin(where, [index[c] for c in q.exclude])
+                where, scores = where[keep], scores[keep]
+            yield q, where, scores
+
+
 def score_task(task: Task, queries: np.ndarray, candidates: np.ndarray, ks: Sequence[int],
                rescore: Rescorer | None = None) -> dict[str, Any]:
     """Rank each query's candidates by inner product (then `rescore`, if given); metrics per query, per type,
     and their means."""
-    index = task.candidate_index()
     per_query, per_type, chance = [], {}, []
-    for qi, q in enumerate(task.queries):
-        cand = np.array([index[c] for c in q.candidates]) if q.candidates is not None else None
-        scores = candidates @ queries[qi] if cand is None else candidates[cand] @ queries[qi]
-        ids = q.candidates if q.candidates is not None else [c.id for c in task.candidates]
+    index = task.candidate_index()
+    for q, where, scores in _query_scores(task, queries, candidates):
         if rescore is not None:
-            scores = rescore(q, list(ids), scores)
-        positives = set(q.positives)
-        mask = np.array([c in positives for c in ids])
+            scores = rescore(q, [task.candidates[i].id for i in where], scores)
+        mask = np.isin(where, [index[p] for p in q.positives])
         metrics = query_metrics(scores, mask, ks)
         per_query.append(metrics)
-        chance.append(chance_top1(len(ids), int(mask.sum())))
+        chance.append(chance_metrics(len(mask), int(mask.sum()), ks)[task.primary])
         if q.type is not None:
             per_type.setdefault(q.type, []).append((metrics, chance[-1]))
     by_type = {t: mean_metrics([m for m, _ in rows]) for t, rows in per_type.items()}
@@ -148,6 +166,18 @@ def reranker(encoder, task: Task, n: int) -> Rescorer:
     return rescore
 
 
+def model_names(models: str | Sequence[str | Encoder]) -> list[str | Encoder]:
+    """'all', comma-separated names or checkpoint folders, or a list of names and loaded encoders, as a list."""
+    names = [m.strip() for m in models.split(",") if m.strip()] if isinstance(models, str) else list(models)
+    if names == ["all"]:
+        from retrieval.encoders.registry import list_configs
+
+        names = list(list_configs())
+    if not names:
+        raise RetrievalError("name at least one model, or all")
+    return names
+
+
 def fusion_modes(encoder) -> tuple[str, ...]:
     """The fusion modes to evaluate: each of a late-fusion encoder's modes, else its one fusion."""
     return encoder.fusion_modes or (encoder.fusion,)
@@ -172,15 +202,8 @@ def run_eval(tasks: str = "all", models: str | Sequence[str | Encoder] = "test-t
     data_dirs = list(data) if data else [default_data_dir(name, progress=progress) for name in DATASETS]
     folders = select_tasks(tasks, data_dirs)
     loaded = [read_task(f) for f in folders]
-    names = [m.strip() for m in models.split(",") if m.strip()] if isinstance(models, str) else list(models)
-    if names == ["all"]:
-        from retrieval.encoders.registry import list_configs
-
-        names = list(list_configs())
-    if not names:
-        raise RetrievalError("name at least one model, or all")
     results = []
-    for model in names:
+    for model in model_names(models):
         encoder = load_encoder(model, device=device) if isinstance(model, (str, os.PathLike)) else model
         name = str(model) if isinstance(model, (str, os.PathLike)) else encoder.name
         for mode in fusion_modes(encoder):

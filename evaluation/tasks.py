@@ -2,7 +2,7 @@
 
     DATA/tasks/NAME/task.json         name, dataset, kind, primary metric, description
     DATA/tasks/NAME/candidates.jsonl  id, image, text — a corpus manifest `retrieval index build` takes as it is
-    DATA/tasks/NAME/queries.jsonl     id, image, text, positives, [candidates], [type]
+    DATA/tasks/NAME/queries.jsonl     id, image, text, positives, [candidates], [type], [exclude]
 
 A `pool` task ranks every query against the whole candidate pool; a `candidates` task ranks each
 query against its own candidate list (e.g. the transformations of one image). Image paths are
@@ -38,6 +38,7 @@ class Query:
     positives: tuple[str, ...]
     candidates: tuple[str, ...] | None = None  # None: the whole pool
     type: str | None = None  # sub-task, scored separately (e.g. the tgit transformation)
+    exclude: tuple[str, ...] = ()  # candidates left out of this query's ranking (CIRR's reference image)
 
 
 @dataclass
@@ -68,6 +69,8 @@ def _query_record(q: Query, base: Path) -> dict[str, Any]:
         record["candidates"] = list(q.candidates)
     if q.type is not None:
         record["type"] = q.type
+    if q.exclude:
+        record["exclude"] = list(q.exclude)
     return record
 
 
@@ -106,11 +109,12 @@ def read_task(folder: str | os.PathLike) -> Task:
     queries = []
     for r in read_jsonl(folder / "queries.jsonl"):
         cands = tuple(r["candidates"]) if "candidates" in r else None
-        positives = tuple(r["positives"])
+        positives, exclude = tuple(r["positives"]), tuple(r.get("exclude", ()))
         allowed = set(cands) if cands is not None else known
-        if not positives or not set(positives) <= allowed or (cands is not None and not set(cands) <= known):
+        if (not positives or not set(positives) <= allowed - set(exclude) or not set(exclude) <= allowed
+                or (cands is not None and not set(cands) <= known)):
             raise RetrievalError(f"task {meta['name']}: query {r['id']} names candidates that are not in its pool")
-        queries.append(Query(item(r), positives, cands, r.get("type")))
+        queries.append(Query(item(r), positives, cands, r.get("type"), exclude))
     extra = {k: v for k, v in meta.items() if k not in {"format", "name", "dataset", "kind", "primary", "by_type",
                                                          "description", "queries", "candidates"}}
     return Task(meta["name"], meta["dataset"], meta["kind"], meta["primary"], meta["description"], queries,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.metrics import chance_top1, mean_metrics, positive_ranks, query_metrics
+from evaluation.metrics import mean_metrics, query_metrics
 
 # ---------------------------------------------------------------------------------------------- 1. metrics
 
@@ -25,7 +25,6 @@ def test_metrics_one_positive_by_hand():
 def test_metrics_several_positives_by_hand():
     scores = np.array([0.9, 0.8, 0.7, 0.1])
     positive = np.array([0, 1, 0, 1], bool)
-    assert list(positive_ranks(scores, positive)) == [1, 3]
     m = query_metrics(scores, positive, ks=(1, 2, 3, 4))
     assert m["top1"] == 0.0
     assert m["mrr"] == pytest.approx(0.5)
@@ -40,39 +39,55 @@ def test_metrics_several_positives_by_hand():
     assert m["recall@6"] == 1.0
 
 
-def test_metrics_ties_go_against_positives():
-    # a positive tied with a negative ranks below it
+def test_metrics_ties_are_expected_values_over_random_orders():
+    # a positive tied with a negative is first half the time
     m = query_metrics(np.array([0.5, 0.5, 0.1]), np.array([1, 0, 0], bool), ks=(1, 2))
-    assert (m["top1"], m["mrr"], m["hit@1"], m["hit@2"]) == (0.0, 0.5, 0.0, 1.0)
+    assert m == pytest.approx({"top1": 0.5, "mrr": 0.75, "hit@1": 0.5, "recall@1": 0.5, "hit@2": 1.0,
+                               "recall@2": 1.0})
     # order in the array does not matter
-    m2 = query_metrics(np.array([0.5, 0.5, 0.1]), np.array([0, 1, 0], bool), ks=(1, 2))
-    assert m2 == m
-    # all scores equal: one positive among n ranks last, not first
+    assert query_metrics(np.array([0.5, 0.5, 0.1]), np.array([0, 1, 0], bool), ks=(1, 2)) == m
+    # all scores equal: one positive among n scores exactly chance
     for n in (2, 5, 10):
         positive = np.zeros(n, bool)
         positive[n // 2] = True
         m = query_metrics(np.full(n, 0.3), positive, ks=(1, n - 1, n))
-        assert m["top1"] == 0.0, n
-        assert m["mrr"] == pytest.approx(1 / n)
-        assert m[f"hit@{n - 1}"] == 0.0 and m[f"hit@{n}"] == 1.0
+        assert m["top1"] == pytest.approx(1 / n), n
+        assert m["mrr"] == pytest.approx(sum(1 / r for r in range(1, n + 1)) / n)
+        assert m[f"hit@{n - 1}"] == pytest.approx((n - 1) / n) and m[f"hit@{n}"] == 1.0
 
 
-def test_metrics_tied_positives_do_not_push_each_other_down():
+def test_tied_positives_by_hand():
     m = query_metrics(np.array([0.5, 0.5, 0.1]), np.array([1, 1, 0], bool), ks=(1, 2))
-    assert (m["top1"], m["mrr"], m["hit@1"]) == (1.0, 1.0, 1.0)
-    assert m["recall@2"] == 1.0
-    # two tied positives behind a tied negative: the first of them is second
+    assert (m["top1"], m["mrr"], m["recall@1"], m["recall@2"]) == (1.0, 1.0, 0.5, 1.0)
+    # two positives and a negative all tied: the negative is first a third of the time
     m = query_metrics(np.array([0.5, 0.5, 0.5]), np.array([1, 1, 0], bool), ks=(1, 2, 3))
-    assert (m["top1"], m["mrr"], m["hit@2"], m["recall@3"]) == (0.0, 0.5, 1.0, 1.0)
+    assert m == pytest.approx({"top1": 2 / 3, "mrr": 2 / 3 + 1 / 3 / 2, "hit@1": 2 / 3, "recall@1": 1 / 3,
+                               "hit@2": 1.0, "recall@2": 2 / 3, "hit@3": 1.0, "recall@3": 1.0})
 
 
-def test_recall_with_tied_positives_is_bounded_by_k():
-    # only one item fits in the top 1, so at most half of two positives can be found there
-    m = query_metrics(np.array([0.5, 0.5, 0.1]), np.array([1, 1, 0], bool), ks=(1, 2))
-    assert m["recall@1"] == 0.5
-    # a tied negative goes first, then the two positives at ranks 1 and 2
-    m = query_metrics(np.array([0.5, 0.5, 0.5]), np.array([1, 1, 0], bool), ks=(2,))
-    assert m["recall@2"] == 0.5
+@pytest.mark.parametrize("seed", range(6))
+def test_ties_match_every_order_enumerated(seed):
+    """Against brute force: the mean of each metric over every order of the tied items."""
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 3, size=7).astype(float)  # few values: many ties
+    positive = rng.random(7) < 0.4
+    positive[rng.integers(7)] = True
+    ks = (1, 2, 3, 5)
+    totals, count = {}, 0
+    for order in itertools.permutations(range(7)):  # a tie-break order: earlier in `order` ranks first
+        tie_rank = np.empty(7)
+        tie_rank[list(order)] = np.arange(7)
+        ranked = np.lexsort((tie_rank, -scores))
+        ranks = np.flatnonzero(positive[ranked])
+        one = {"top1": float(ranks[0] == 0), "mrr": 1 / (ranks[0] + 1)}
+        for k in ks:
+            one[f"hit@{k}"] = float(ranks[0] < k)
+            one[f"recall@{k}"] = float((ranks < k).mean())
+        totals = {key: totals.get(key, 0.0) + value for key, value in one.items()}
+        count += 1
+    assert query_metrics(scores, positive, ks) == pytest.approx({key: v / count for key, v in totals.items()})
 
 
 def test_metrics_need_a_positive():
@@ -80,10 +95,7 @@ def test_metrics_need_a_positive():
         query_metrics(np.array([0.1, 0.2]), np.array([0, 0], bool), ks=(1,))
 
 
-def test_chance_and_mean():
-    assert chance_top1(10, 1) == pytest.approx(0.1)
-    assert chance_top1(60, 2) == pytest.approx(1 / 30)
-    assert chance_top1(4, 4) == 1.0
+def test_mean_and_chance():
     assert mean_metrics([]) == {}
     rows = [{"top1": 1.0, "mrr": 1.0}, {"top1": 0.0, "mrr": 0.5}, {"top1": 0.0, "mrr": 0.25}]
     assert mean_metrics(rows) == {"top1": pytest.approx(1 / 3), "mrr": pytest.approx(1.75 / 3)}
@@ -92,4 +104,6 @@ def test_chance_and_mean():
     positive = np.zeros(8, bool)
     positive[:2] = True
     top1 = np.mean([query_metrics(rng.random(8), positive, (1,))["top1"] for _ in range(4000)])
-    assert top1 == pytest.approx(chance_top1(8, 2), abs=0.03)
+    assert top1 == pytest.approx(2 / 8, abs=0.03)
+    # and exactly what every candidate scoring the same gets
+    assert query_metrics(np.zeros(8), positive, (1,))["top1"] == pytest.approx(2 / 8)

@@ -91,19 +91,22 @@ def test_read_task_rejects_unknown_positives(tmp_path, images):
 def test_score_candidates_task_by_type(tmp_path, images):
     task = read_task(write_task(_candidates_task(images), tmp_path / "hand"))
     res = score_task(task, QUERY_VECTORS, CAND_VECTORS, ks=(1, 2))
-    # q1: B wins (rank 0). q2: A ties with its duplicate A#dup → rank 1. q3: C wins. q4: D wins, C ties A and B → 3
-    x = {"top1": 2 / 3, "mrr": (1 + 0.5 + 1) / 3, "hit@1": 2 / 3, "recall@1": 2 / 3, "hit@2": 1.0, "recall@2": 1.0}
-    y = {"top1": 0.0, "mrr": 0.25, "hit@1": 0.0, "recall@1": 0.0, "hit@2": 0.0, "recall@2": 0.0}
+    # q1: B wins (rank 0). q2: A ties with its duplicate A#dup → first half the time. q3: C wins.
+    # q4: D wins, C ties A and B → rank 1, 2 or 3, each a third of the time
+    x = {"top1": 2.5 / 3, "mrr": (1 + 0.75 + 1) / 3, "hit@1": 2.5 / 3, "recall@1": 2.5 / 3, "hit@2": 1.0,
+         "recall@2": 1.0}
+    y = {"top1": 0.0, "mrr": (1 / 2 + 1 / 3 + 1 / 4) / 3, "hit@1": 0.0, "recall@1": 0.0, "hit@2": 1 / 3,
+         "recall@2": 1 / 3}
     assert res["by_type"] == {"x": pytest.approx(x), "y": pytest.approx(y)}
     # primary metrics: each type counts the same (not each query)
     assert res["metrics"] == pytest.approx({k: (x[k] + y[k]) / 2 for k in x})
-    assert res["metrics"]["top1"] == pytest.approx(1 / 3)  # over queries it would be 0.5
+    assert res["metrics"]["top1"] == pytest.approx(2.5 / 6)  # over queries it would be 0.625
     assert res["chance"] == pytest.approx((1 / 3 + 1 / 4) / 2)  # over queries: 5/16
 
     flat = score_task(read_task(write_task(_candidates_task(images, by_type=False), tmp_path / "flat")),
                       QUERY_VECTORS, CAND_VECTORS, ks=(1, 2))
-    assert flat["metrics"]["top1"] == pytest.approx(0.5)
-    assert flat["metrics"]["mrr"] == pytest.approx((1 + 0.5 + 1 + 0.25) / 4)
+    assert flat["metrics"]["top1"] == pytest.approx(0.625)
+    assert flat["metrics"]["mrr"] == pytest.approx((1 + 0.75 + 1 + (1 / 2 + 1 / 3 + 1 / 4) / 3) / 4)
     assert flat["chance"] == pytest.approx(5 / 16)
     assert flat["by_type"] == res["by_type"]  # per-type scores are reported either way
 
@@ -134,17 +137,17 @@ def test_score_pool_task_by_type(tmp_path):
     assert res["metrics"]["top1"] == pytest.approx(1 / 3) and res["chance"] == pytest.approx(1 / 3)
 
 
-def test_evaluate_task_duplicated_image_ties_against_the_positive(tmp_path, images, tiny_encoder):
-    """With a real encoder the duplicated image embeds exactly like the positive, so the tie goes against it."""
+def test_evaluate_task_duplicated_image_ties_with_the_positive(tmp_path, images, tiny_encoder):
+    """With a real encoder the duplicated image embeds exactly like the positive: first half the time."""
     cands = [Item("A", images["a"]), Item("A#dup", images["a"]), Item("B", images["b"])]
     queries = [Query(Item("same", images["a"]), ("A",), ("A", "A#dup", "B"), "one"),
                Query(Item("both", images["a"]), ("A", "A#dup"), ("A", "A#dup", "B"), "both")]
     task = read_task(write_task(Task("dup", "handmade", "candidates", "top1", "", queries, cands, by_type=True),
                                 tmp_path / "dup"))
     row = evaluate_task(task, EmbeddingCache(tiny_encoder, progress=False), ks=(1, 2))
-    assert row["by_type"]["one"]["top1"] == 0.0 and row["by_type"]["one"]["mrr"] == 0.5
+    assert row["by_type"]["one"]["top1"] == 0.5 and row["by_type"]["one"]["mrr"] == 0.75
     assert row["by_type"]["both"]["top1"] == 1.0
-    assert row["metrics"]["top1"] == 0.5
+    assert row["metrics"]["top1"] == 0.75
     assert row["chance"] == pytest.approx((1 / 3 + 2 / 3) / 2)
     assert {k: row[k] for k in ("dataset", "task", "primary", "queries", "candidates")} == \
         {"dataset": "handmade", "task": "dup", "primary": "top1", "queries": 2, "candidates": 3}
