@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,12 +20,11 @@ from evaluation.benchmarks import read_benchmark
 from evaluation.benchmarks.layout import Benchmark, Summary
 from evaluation.evaluate import EVAL_FORMAT, fusion_modes, model_names, score_task
 from evaluation.metrics import mean_metrics
-from retrieval.files import read_json
+from evaluation.published import published_rows
 
 if TYPE_CHECKING:
     from retrieval.encoders.base import Encoder
 
-PUBLISHED = Path(__file__).with_name("published.json")
 RSUM_KS = (1, 5, 10)
 
 
@@ -68,23 +66,6 @@ def _summary_row(bench: Benchmark, summary: Summary, members: list[dict[str, Any
             "chance": float(np.mean(chances)) if chances else None}
 
 
-def published_rows(bench: Benchmark, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The papers' figures for the rows this run has, as result rows of their own (a summary over some of its
-    tasks has another name, so it gets none)."""
-    ours = {r["task"] for r in rows}
-    out = []
-    for entry in read_json(PUBLISHED)["entries"]:
-        if entry["benchmark"] != bench.name or entry.get("protocol", bench.protocol) != bench.protocol:
-            continue
-        for task, metrics in entry["values"].items():
-            if task in ours:
-                out.append({"model": f"{entry['model']} [published]", "fusion": None, "published": True,
-                            "source": entry["source"], "dataset": bench.name, "task": task,
-                            "primary": next(iter(metrics)), "metrics": {m: v / 100 for m, v in metrics.items()},
-                            "chance": None})
-    return out
-
-
 def run_benchmark(benchmark: str, data: str | os.PathLike, models: str | list[str | Encoder] = "test-tiny",
                   subsets: list[str] | None = None, limit: int | None = None, protocol: str | None = None,
                   device: str = "auto", batch_size: int = 128, progress: bool = True,
@@ -94,17 +75,18 @@ def run_benchmark(benchmark: str, data: str | os.PathLike, models: str | list[st
 
     bench = read_benchmark(benchmark, data, subsets, limit, protocol)
     items = bench.items()
+    composed = any(item.image and item.text for item in items)
     results: list[dict[str, Any]] = []
     for model in model_names(models):
         encoder = load_encoder(model, device=device) if isinstance(model, (str, os.PathLike)) else model
         name = str(model) if isinstance(model, (str, os.PathLike)) else encoder.name
-        for mode in fusion_modes(encoder):
+        for mode in fusion_modes(encoder)[:None if composed else 1]:  # modes differ only on image + text items
             if encoder.fusion_modes:
                 encoder.fusion_mode = mode
             vectors = embed_items(bench.name, bench.root, items, encoder, batch_size, progress, follow_symlinks)
             results += [{"model": name, "fusion": mode, **row} for row in score_benchmark(bench, vectors)]
     if limit is None:  # a sample of the queries is no match for the papers' figures
-        results += published_rows(bench, results)
+        results += published_rows(bench.name, bench.protocol, {r["task"] for r in results})
     return {"format": EVAL_FORMAT, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "benchmark": bench.name, "protocol": bench.protocol, "limit": limit,
             "data": {bench.name: str(bench.root)}, "results": results}

@@ -2,7 +2,7 @@
 figures of `retrieval bench`, and the published numbers of the three papers beside them.
 
 Everything is measured when the command runs (nothing is copied from an earlier run), on the default
-benchmark data; the published numbers come from `evaluation/published.md`.
+benchmark data; the published numbers come from `evaluation/published.json`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from evaluation.demo import BUNDLED
+from evaluation.published import published_markdown
 from retrieval.files import atomic_path
-
-PUBLISHED = Path(__file__).with_name("published.md")
 
 
 def write_results(out: str | os.PathLike = "docs", models: tuple[str, ...] = BUNDLED, rerank: int = 20,
@@ -55,7 +54,7 @@ def write_results(out: str | os.PathLike = "docs", models: tuple[str, ...] = BUN
         for model in models:
             encode_report = encode_bench.bench_encode(model, n=encode_n, device=device, progress=progress)
             parts += ["```", *encode_bench.report_lines(encode_report), "```", ""]
-    parts.append(PUBLISHED.read_text(encoding="utf-8").strip())
+    parts.append(published_markdown().strip())
     path = out / "results.md"
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(parts) + "\n", encoding="utf-8")

@@ -123,8 +123,30 @@ def official_fdt(path: Path) -> None:
     save_official(random_official_state(dim=512), path)
 
 
+def coco_copy(folder: Path) -> None:
+    """COCO's Karpathy-split file and images, twenty test images (tests/benchmark_layouts.py)."""
+    from benchmark_layouts import write_karpathy
+
+    write_karpathy(folder, "coco", list(range(40, 60)))
+
+
+def cirr_copy(folder: Path) -> None:
+    from test_benchmarks import cirr_fixture
+
+    cirr_fixture(folder)
+
+
+def mmeb_copy(folder: Path) -> None:
+    from benchmark_layouts import MMEB_INSTRUCTION, write_mmeb
+
+    rows = [{"query": 3, "qry_text": MMEB_INSTRUCTION + "what colour is it?\n", "targets": [3, 4, 5]},
+            {"query": 6, "qry_text": MMEB_INSTRUCTION + "how many?\n", "targets": [6, 3]}]
+    write_mmeb(folder, {"OK-VQA": rows, "VisDial": rows})
+
+
 DOWNLOADS: dict[str, Callable[[Path], None]] = {
     "FuseLIP-S-CC3M-MM": official_fuselip, "clip-bpe": clip_bpe, "ckpt_86560.pth.tar": official_fdt,
+    "coco/": coco_copy, "cirr/": cirr_copy, "mmeb-eval/": mmeb_copy,
 }
 
 
@@ -210,7 +232,66 @@ def check_live_rows(out: str, cwd: Path) -> None:
     assert version == 4 and count == rows == expected and out.count(str(expected)) >= 3, out
 
 
+def check_mmeb(out: str, cwd: Path) -> None:
+    header = out.splitlines()[0]
+    assert "mmeb/OK-VQA" in header and "mmeb/VQA (1 of 10)" in header and "mmeb/Retrieval (1 of 12)" in header, out
+
+
+def check_demo(out: str, cwd: Path) -> None:
+    """Every output of `retrieval demo` exists; the contact sheets are PNGs with the query and k hits per model;
+    the printed eval table has every model and task."""
+    import numpy as np
+
+    from evaluation.demo import BUNDLED, CAPTION, KINDS, QUERY_COLS, THUMB
+
+    k, folder = 5, cwd / "demo"  # the demo's default -k
+    summary = json.loads((folder / "demo.json").read_text())
+    assert summary["models"] == list(BUNDLED)
+    for kind in KINDS:
+        assert f"{kind.name}: " in out
+        with Image.open(folder / f"contact-{kind.slug}.png") as image:
+            assert image.format == "PNG"
+            # one row per model; the model name, the query (its image with its text beside it), then k hits
+            columns = 1 + QUERY_COLS + k
+            assert image.size == ((THUMB + 8) * columns, (THUMB + CAPTION + 8) * len(BUNDLED))
+            hit_cell = image.convert("RGB").crop(((THUMB + 8) * (columns - 1), 0, (THUMB + 8) * columns, THUMB))
+            assert len(np.unique(np.asarray(hit_cell).reshape(-1, 3), axis=0)) > 10  # the last hit is drawn
+        for model in BUNDLED:
+            assert len(summary["queries"][kind.name][model]) == k
+    # the image + instruction query is asked as tgit asks it: among the rotations of its own scene only
+    assert "asked among the 18 rotations of that scene only, as the tgit task asks it" in out
+    for model in BUNDLED:
+        ids = summary["queries"]["image + instruction"][model]
+        assert len({i.rsplit("-", 1)[0] for i in ids}) == 1 and all(i.rsplit("-", 1)[1].startswith("rotate")
+                                                                     for i in ids), ids
+    report = json.loads((folder / "eval.json").read_text())
+    tasks = {(r["dataset"], r["task"]) for r in report["results"]}
+    assert {"t2i", "i2t", "tgit", "tgit-pool", "vqa", "pos", "zeroshot"} <= {t for _, t in tasks}
+    table = out[out.index("model "):]
+    for dataset, task in tasks:
+        assert f"{dataset}/{task}" in table.splitlines()[0]
+    assert all(model in table for model in BUNDLED) and (folder / "eval.md").is_file()
+
+
+def check_bench_train(out: str, cwd: Path) -> None:
+    """`bench train`: length groups and one padded batch give the same float32 loss on every batch (padding is
+    masked), bf16 the same up to its rounding; the report's ratios are the ratios of its timings."""
+    report = json.loads((cwd / "bench-train.json").read_text())
+    assert report["model"] == "fuselip-tiny" and report["timed_steps"] == 2  # --steps 7 (SMALLER)
+    assert (report["length_multiple"], report["row_multiple"]) == (8, 4)
+    seconds = report["seconds_per_step"]
+    assert set(seconds) == {"padded", "grouped", "grouped-bf16"} and min(seconds.values()) > 0
+    for name, ratio in report["speedup"].items():
+        assert ratio == pytest.approx(seconds["padded"] / seconds[name])
+    assert report["mean_groups_per_side"] > 1  # the grouped passes really ran in groups
+    assert report["max_relative_loss_difference"]["grouped"] < 1e-4
+    assert report["max_relative_loss_difference"]["grouped-bf16"] < 3e-2
+
+
 CHECKS: dict[str, Callable[[str, Path], None]] = {
+    "bench train --data": check_bench_train,
+    "make demo": check_demo,
+    "eval mmeb --data mmeb-eval/": check_mmeb,
     "index add idx-photos shapes/more.csv": check_added,
     "index delete idx-photos": check_deleted,
     "--where \"split = 'test'\" -k 3": check_new_only,

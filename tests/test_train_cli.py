@@ -46,24 +46,9 @@ def test_train_tokenizer_then_model_then_resume(tmp_path):
     assert bad.returncode == 2 and "nosuch" in bad.stderr
 
 
-@pytest.mark.slow
-def test_bench_train_times_three_ways_on_equal_losses(tmp_path):
-    """`bench train`: length groups and one padded batch give the same float32 loss on every batch (padding is
-    masked), bf16 the same up to its rounding; the report's ratios are the ratios of its timings; a model of
-    another family gets one error line."""
+def test_bench_train_refuses_a_model_of_another_family(tmp_path):
+    """(The README's `bench train --json` run is checked in test_readme.check_bench_train.)"""
     data = tmp_path / "shapes"
     make_shapesworld(data, n=30, size=64, seed=2, train_pairs=True, progress=False)
-    run_cli("bench", "train", "--data", data, "--steps", "7", "--batch-size", "48", "--device", "cpu",
-            "--json", tmp_path / "bench.json")
-    report = json.loads((tmp_path / "bench.json").read_text())
-    assert report["model"] == "fuselip-tiny" and report["timed_steps"] == 2
-    assert (report["length_multiple"], report["row_multiple"]) == (8, 4)
-    seconds = report["seconds_per_step"]
-    assert set(seconds) == {"padded", "grouped", "grouped-bf16"} and min(seconds.values()) > 0
-    for name, ratio in report["speedup"].items():
-        assert ratio == pytest.approx(seconds["padded"] / seconds[name])
-    assert report["mean_groups_per_side"] > 1  # the grouped passes really ran in groups
-    assert report["max_relative_loss_difference"]["grouped"] < 1e-4
-    assert report["max_relative_loss_difference"]["grouped-bf16"] < 3e-2
     other = run_cli("bench", "train", "--data", data, "--model", "sparc-tiny", "--steps", "7", check=False)
     assert other.returncode == 2 and "fuselip" in other.stderr and "sparc" in other.stderr
