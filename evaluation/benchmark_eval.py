@@ -73,7 +73,7 @@ def run_benchmark(benchmark: str, data: str | os.PathLike, models: str | list[st
     """Evaluate every model (each fusion mode) on `benchmark` read from `data`; returns the report dict."""
     from retrieval.encoders import load_encoder
 
-    bench = read_benchmark(benchmark, data, subsets, limit, protocol)
+    bench = read_benchmark(benchmark, data, subsets, limit, protocol, follow_symlinks)
     items = bench.items()
     composed = any(item.image and item.text for item in items)
     results: list[dict[str, Any]] = []

@@ -56,22 +56,25 @@ class EmbeddingCache:
 Rescorer = Callable[[Query, list[str], np.ndarray], np.ndarray]
 
 
-def _query_scores(task: Task, queries: np.ndarray, candidates: np.ndarray, block: int = 256
+BLOCK_SCORES = 32_000_000  # at most this many query × pool scores at once (128 MB of float32)
+
+
+def _query_scores(task: Task, queries: np.ndarray, candidates: np.ndarray
                   ) -> Iterator[tuple[Query, np.ndarray, np.ndarray]]:
     """(query, positions of its candidates in the pool, their scores) for every query, its excluded candidates
-    left out; a pool task's scores come a block of queries at a time."""
+    left out. Scores come from one matrix product per block of queries against the whole pool (a query with its
+    own candidate list picks its scores out of its row), or one product per query where the pool is too large."""
     index = task.candidate_index()
     pool = np.arange(len(task.candidates))
+    block = max(1, min(1024, BLOCK_SCORES // max(len(task.candidates), 1)))
     for start in range(0, len(task.queries), block):
         chunk = task.queries[start:start + block]
-        pool_scores = queries[start:start + block] @ candidates.T if any(q.candidates is None for q in chunk) \
-            else None
+        listed = all(q.candidates is not None for q in chunk)
+        scores_of = None if listed and len(task.candidates) > BLOCK_SCORES // 64 \
+            else queries[start:start + block] @ candidates.T
         for offset, q in enumerate(chunk):
-            if q.candidates is None:
-                where, scores = pool, pool_scores[offset]
-            else:
-                where = np.array([index[c] for c in q.candidates], dtype=np.int64)
-                scores = candidates[where] @ queries[start + offset]
+            where = pool if q.candidates is None else np.array([index[c] for c in q.candidates], dtype=np.int64)
+            scores = candidates[where] @ queries[start + offset] if scores_of is None else scores_of[offset][where]
             if q.exclude:
                 keep = ~np.isin(where, [index[c] for c in q.exclude])
                 where, scores = where[keep], scores[keep]
@@ -82,6 +85,8 @@ def score_task(task: Task, queries: np.ndarray, candidates: np.ndarray, ks: Sequ
                rescore: Rescorer | None = None) -> dict[str, Any]:
     """Rank each query's candidates by inner product (then `rescore`, if given); metrics per query, per type,
     and their means."""
+    if "@" in task.primary:  # the primary metric is always measured, whatever cut-offs were asked for
+        ks = list(dict.fromkeys([*ks, int(task.primary.split("@")[1])]))
     per_query, per_type, chance = [], {}, []
     index = task.candidate_index()
     for q, where, scores in _query_scores(task, queries, candidates):

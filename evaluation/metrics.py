@@ -18,11 +18,16 @@ def _tie_groups(scores: np.ndarray, positive: np.ndarray) -> list[tuple[int, int
     """The groups of equal scores that hold a positive, best first: (items ranked above the group, group size,
     positives in it)."""
     scores = np.asarray(scores, dtype=np.float64)
-    ordered = np.sort(scores)
     values, pos = np.unique(scores[np.asarray(positive, dtype=bool)], return_counts=True)
-    below = np.searchsorted(ordered, values, side="left")
-    upto = np.searchsorted(ordered, values, side="right")
-    return list(zip((len(scores) - upto).tolist(), (upto - below).tolist(), pos.tolist()))[::-1]
+    if len(values) <= 8:  # the usual few positives: counting beats sorting the whole list
+        above = [int((scores > v).sum()) for v in values]
+        size = [int((scores == v).sum()) for v in values]
+    else:
+        ordered = np.sort(scores)
+        upto = np.searchsorted(ordered, values, side="right")
+        above = (len(scores) - upto).tolist()
+        size = (upto - np.searchsorted(ordered, values, side="left")).tolist()
+    return list(zip(above, size, pos.tolist()))[::-1]
 
 
 def _miss_probability(size: int, pos: int, slots: int) -> float:

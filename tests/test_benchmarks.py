@@ -173,6 +173,8 @@ def test_mmeb_malformed_folders(tmp_path, env):
     assert "names an image outside the folder" in refusal("mmeb", data, ["OK-VQA"])
     pq.write_table(table.set_column(2, "tgt_text", pa.array([["#1 one"]])), path)
     assert "must be lists of strings of one length" in refusal("mmeb", data, ["OK-VQA"])
+    pq.write_table(table.set_column(2, "tgt_text", pa.array([["#1 one", " "]])), path)
+    assert "OK-VQA row 0: an item with neither text nor image" in refusal("mmeb", data, ["OK-VQA"])
     pq.write_table(table, path)
     (data / "eval_images" / "OK-VQA" / "q0.jpg").unlink()
     assert "1 of 1 images are missing, the first eval_images/OK-VQA/q0.jpg" in refusal("mmeb", data, ["OK-VQA"])
@@ -219,6 +221,16 @@ def test_cirr_recall_and_subset_recall_by_hand(tmp_path):
     # subsets: pair 0 first (n1, n2, n4, n5 score lower or nothing); pair 1 behind n2, n3, n4 → rank 3
     assert rows["val-subset"]["hit@1"] == 0.5 and rows["val-subset"]["hit@3"] == 0.5
     assert rows["val-subset"]["mrr"] == pytest.approx((1 + 1 / 4) / 2)
+
+
+def test_cirr_reads_the_clip4cir_layout_too(tmp_path):
+    """CLIP4Cir keeps the annotations in cirr/ beside the image folders."""
+    data = cirr_fixture(tmp_path / "cirr")
+    (data / "cirr").mkdir()
+    for folder in ("captions", "image_splits"):
+        os.rename(data / folder, data / "cirr" / folder)
+    bench = read_benchmark("cirr", data)
+    assert [len(t.queries) for t in bench.tasks] == [2, 2] and len(bench.tasks[0].candidates) == 8
 
 
 def test_cirr_malformed_folders(tmp_path, env):
@@ -289,6 +301,8 @@ def test_fashioniq_malformed_folders(tmp_path, env):
     data = fashioniq_fixture(tmp_path / "fiq", size=4)
     (data / "captions" / "cap.toptee.val.json").write_text('[{"candidate": "B002', encoding="utf-8")
     assert "captions/cap.toptee.val.json is not JSON" in refused(env, "fashioniq", data)
+    (data / "captions" / "cap.toptee.val.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "captions/cap.toptee.val.json is not JSON" in refusal("fashioniq", data)
     write_json(data / "captions" / "cap.toptee.val.json", [{"candidate": "B00200000", "target": "B00200001",
                                                             "captions": ["only one"]}])
     assert "has 1 captions, not two" in refusal("fashioniq", data)
@@ -345,6 +359,9 @@ def test_karpathy_malformed_folders(tmp_path, env):
     spec["images"][1]["sentences"] = spec["images"][1]["sentences"][:3]
     write_json(data / "dataset_coco.json", spec)
     assert "dataset_coco.json image 1 has fewer than 5 sentences" in refused(env, "coco", data)
+    spec["images"][1]["sentences"] = [{"raw": " "}] * 5
+    write_json(data / "dataset_coco.json", spec)
+    assert "dataset_coco.json image 1 has an empty caption" in refusal("coco", data)
     del spec["images"][1]["filepath"]
     write_json(data / "dataset_coco.json", spec)
     assert "dataset_coco.json image 1 has no 'filepath'" in refusal("coco", data)
@@ -389,6 +406,9 @@ def test_imagenet_folder_is_named_and_compared(tmp_path, env):
     published = {model: r["metrics"]["hit@1"] for (model, _), r in rows.items() if r.get("published")}
     assert published["FuseLIP-B, CC3M+MM [published]"] == pytest.approx(0.181)
     assert published["CLIP+FDT ViT-B/32, CC3M [published]"] == pytest.approx(0.184)
+    (data / "classnames.txt").unlink()  # open_clip's ImageNet names, in WordNet-id order
+    names = [c.text for c in read_benchmark("imagefolder", data).tasks[0].candidates]
+    assert names[:3] == ["tench", "goldfish", "great white shark"] and len(names) == 1000
 
 
 def test_imagefolder_malformed_folders(tmp_path, env):
@@ -399,6 +419,12 @@ def test_imagefolder_malformed_folders(tmp_path, env):
     (data / "templates.txt").write_text("a photo\n")
     assert "templates.txt needs {}" in refusal("imagefolder", data)
     assert "1 class subfolders" in refusal("imagefolder", write_imagefolder(tmp_path / "one", {"cat": 3}))
+    (data / "templates.txt").unlink()
+    (data / "emu").mkdir()
+    assert "class folder emu/ holds no images" in refusal("imagefolder", data)
+    (data / "emu").rmdir()
+    os.mkdir(os.fsencode(data) + b"/caf\xe9")
+    assert "has a name that is not UTF-8 text" in refusal("imagefolder", data)
 
 
 # ---------------------------------------------------------------------------------------------- the cache and the CLI
@@ -432,3 +458,30 @@ def test_benchmark_options_are_checked(tmp_path, env):
     assert "unknown benchmark 'cir'" in refusal("cir", data)
     limited = evaluate(env, "cirr", data, "--limit", "1", models="probe-oracle")
     assert limited[("probe-oracle", "val")]["queries"] == 1 and limited[("probe-oracle", "val")]["candidates"] == 8
+    assert not any(r.get("published") for r in limited.values())
+
+
+def test_limit_keeps_exactly_n_queries_spread_over_the_classes(tmp_path):
+    data = write_imagefolder(tmp_path / "folder", {f"c{i}": i for i in range(10)}, per_class=100)
+    queries = read_benchmark("imagefolder", data, limit=600).tasks[0].queries
+    assert len(queries) == 600 and {q.positives[0] for q in queries} == {f"c{i}" for i in range(10)}
+
+
+def test_an_item_that_cannot_be_read_is_tried_again_next_run(tmp_path, env):
+    """A symlink that leads out of --data is refused, with the way out, before anything is encoded; and what the
+    encode job could not read is not kept, so the next run tries it again."""
+    data = cirr_fixture(tmp_path / "cirr")
+    outside = tmp_path / "elsewhere.png"
+    os.rename(data / "dev" / "dev-5-0-img1.png", outside)
+    os.symlink(outside, data / "dev" / "dev-5-0-img1.png")
+    assert "--follow-symlinks" in refused(env, "cirr", data)
+    rows = evaluate(env, "cirr", data, "--follow-symlinks", models="probe-oracle")
+    assert rows[("probe-oracle", "val")]["metrics"]["hit@1"] == 1.0
+    outside.write_bytes(b"not an image")  # found only when the encode job opens it
+    proc = subprocess.run([str(RETRIEVAL), "eval", "cirr", "--data", str(data), "--model", "probe-oracle",
+                           "--follow-symlinks"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: cirr: 1 of 10 items")
+    stores = Path(env["RETRIEVAL_CACHE"]).glob("benchmarks/cirr/*/manifest.json")
+    assert all(json.loads(m.read_text())["errors"] == 0 for m in stores)  # the failed store was not kept
+    image(outside, 25)
+    assert evaluate(env, "cirr", data, "--follow-symlinks", models="probe-oracle")[("probe-oracle", "val")]

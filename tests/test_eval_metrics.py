@@ -107,3 +107,17 @@ def test_mean_and_chance():
     assert top1 == pytest.approx(2 / 8, abs=0.03)
     # and exactly what every candidate scoring the same gets
     assert query_metrics(np.zeros(8), positive, (1,))["top1"] == pytest.approx(2 / 8)
+
+
+def test_many_positives_without_ties_match_plain_ranks():
+    """Beyond a few distinct positive scores the groups come from a sort: the same as ranking by hand."""
+    rng = np.random.default_rng(3)
+    scores = rng.random(50)
+    positive = np.zeros(50, bool)
+    positive[rng.choice(50, 20, replace=False)] = True
+    ranks = np.flatnonzero(positive[np.argsort(-scores)])
+    m = query_metrics(scores, positive, ks=(1, 5, 10, 30))
+    assert m["mrr"] == pytest.approx(1 / (ranks[0] + 1))
+    for k in (1, 5, 10, 30):
+        assert m[f"hit@{k}"] == float(ranks[0] < k)
+        assert m[f"recall@{k}"] == pytest.approx((ranks < k).mean())

@@ -152,3 +152,12 @@ def test_evaluate_task_duplicated_image_ties_with_the_positive(tmp_path, images,
     assert {k: row[k] for k in ("dataset", "task", "primary", "queries", "candidates")} == \
         {"dataset": "handmade", "task": "dup", "primary": "top1", "queries": 2, "candidates": 3}
     assert row["seconds"] >= 0
+
+
+def test_the_primary_metric_is_measured_whatever_the_cut_offs():
+    """`--k 5,10` on a task whose primary metric is hit@1 still reports hit@1 and its chance level."""
+    cands = [Item(f"P{i}", text=f"text {i}") for i in range(4)]
+    task = Task("pool", "handmade", "pool", "hit@1", "", [Query(Item("q", text="one"), ("P1",))], cands)
+    res = score_task(task, np.array([[0.1, 0.9, 0.3, 0.0]], np.float32), np.eye(4, dtype=np.float32), ks=(5, 10))
+    assert res["metrics"]["hit@1"] == 1.0 and res["metrics"]["hit@5"] == 1.0
+    assert res["chance"] == pytest.approx(1 / 4)

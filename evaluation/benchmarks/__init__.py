@@ -13,6 +13,7 @@ from pathlib import Path
 
 from evaluation.benchmarks.layout import Benchmark
 from retrieval.errors import RetrievalError
+from retrieval.paths import PathPolicy
 
 BENCHMARKS = {
     "mmeb": "evaluation.benchmarks.mmeb:read_mmeb",
@@ -26,8 +27,9 @@ PROTOCOLS = {"mmeb": ("mmeb", "fuselip")}  # the first is the default
 
 
 def read_benchmark(name: str, root: str | os.PathLike, subsets: list[str] | None = None, limit: int | None = None,
-                   protocol: str | None = None) -> Benchmark:
-    """Read benchmark `name` from its published layout under `root`."""
+                   protocol: str | None = None, follow_symlinks: bool = False) -> Benchmark:
+    """Read benchmark `name` from its published layout under `root`; its images may be read through symlinks that
+    lead out of `root` only with `follow_symlinks`."""
     if name not in BENCHMARKS:
         raise RetrievalError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     protocols = PROTOCOLS.get(name, ("official",))
@@ -40,4 +42,9 @@ def read_benchmark(name: str, root: str | os.PathLike, subsets: list[str] | None
     if not root.is_dir():
         raise RetrievalError(f"--data {root}: no such folder")
     module, function = BENCHMARKS[name].split(":")
-    return getattr(importlib.import_module(module), function)(root.resolve(), subsets, limit, protocol)
+    bench = getattr(importlib.import_module(module), function)(root.resolve(), subsets, limit, protocol)
+    policy = PathPolicy.for_root(bench.root, follow_symlinks=follow_symlinks, root_only=True)
+    for item in bench.items():
+        if item.image and (problem := policy.problem(item.image)):
+            raise RetrievalError(f"{name}: {problem}")
+    return bench

@@ -23,17 +23,17 @@ SUBSET_KS = (1, 2, 3)
 
 def read_cirr(root: Path, subsets: list[str] | None, limit: int | None, protocol: str) -> Benchmark:
     no_subsets("cirr", subsets)
-    notes = root if (root / "captions").is_dir() or not (root / "cirr" / "captions").is_dir() else root / "cirr"
-    layout = Layout("cirr", notes, "CIRR: captions/cap.rc2.val.json, image_splits/split.rc2.val.json, dev/")
+    layout = Layout("cirr", root, "CIRR: captions/cap.rc2.val.json, image_splits/split.rc2.val.json, dev/")
+    notes = "cirr/" if not (root / "captions").is_dir() and (root / "cirr" / "captions").is_dir() else ""
     images = root / "img_raw" if (root / "img_raw").is_dir() else root
-    split = layout.json("image_splits/split.rc2.val.json", dict)
+    split = layout.json(f"{notes}image_splits/split.rc2.val.json", dict)
     gallery = {}
     for name, path in split.items():
         if not isinstance(path, str):
             raise layout.refuse(f"image_splits/split.rc2.val.json: {name!r} maps to a {type(path).__name__}")
         gallery[name] = Item(name, layout.image(path, f"split.rc2.val.json entry {name!r}", under=images))
     pool, subset = [], []
-    for n, pair in enumerate(layout.json("captions/cap.rc2.val.json", list)):
+    for n, pair in enumerate(layout.json(f"{notes}captions/cap.rc2.val.json", list)):
         where = f"captions/cap.rc2.val.json entry {n}"
         pairid = layout.value(pair, "pairid", int, where)
         reference = layout.value(pair, "reference", str, where)

@@ -1,7 +1,8 @@
 """Zero-shot classification on a folder of class subfolders (torchvision's ImageFolder layout):
 
     DATA/<class>/<image>.jpg …   classes in sorted folder-name order
-    DATA/classnames.txt          optional: one readable name per line, in that order (else the folder names)
+    DATA/classnames.txt          optional: one readable name per line, in that order (else the folder names, or
+                                 open_clip's ImageNet names for the 1,000 ImageNet WordNet-id folders)
     DATA/templates.txt           optional: one prompt per line with {} for the name (else OpenAI's 80)
 
 Each class is the normalised mean of its prompts' normalised text embeddings (open_clip
@@ -20,7 +21,7 @@ from evaluation.tasks import Item, Query, Task
 from retrieval.files import read_json
 from retrieval.images import IMAGE_SUFFIXES
 
-TEMPLATES = Path(__file__).with_name("imagenet_templates.json")
+IMAGENET = Path(__file__).with_name("imagenet.json")  # open_clip's prompts and ImageNet class names
 WORDNET_ID = re.compile(r"n\d{8}")
 KS = (1, 5)
 
@@ -42,19 +43,25 @@ def read_imagefolder(root: Path, subsets: list[str] | None, limit: int | None, p
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise layout.refuse(f"{len(classes)} class subfolders; zero-shot needs at least two")
-    names = _lines(layout, "classnames.txt") or [c.replace("_", " ") for c in classes]
+    unreadable = [c for c in classes if not c.isprintable()]  # undecodable bytes come as surrogates, unprintable
+    if unreadable:
+        raise layout.refuse(f"class folder {unreadable[0]!r} has a name that is not UTF-8 text")
+    builtin = read_json(IMAGENET)
+    imagenet = len(classes) == 1000 and all(WORDNET_ID.fullmatch(c) for c in classes)
+    names = _lines(layout, "classnames.txt") or (builtin["classnames"] if imagenet
+                                                  else [c.replace("_", " ") for c in classes])
     if len(names) != len(classes):
         raise layout.refuse(f"classnames.txt has {len(names)} names for {len(classes)} class folders")
-    templates = _lines(layout, "templates.txt") or read_json(TEMPLATES)["templates"]
+    templates = _lines(layout, "templates.txt") or builtin["templates"]
     if not all("{}" in t for t in templates):
         raise layout.refuse("every line of templates.txt needs {} where the class name goes")
     queries = []
     for folder in classes:
         files = sorted(p for p in (root / folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise layout.refuse(f"class folder {folder}/ holds no images")
         queries += [Query(Item(f"{folder}/{p.name}", layout.image(f"{folder}/{p.name}", folder)), (folder,))
                     for p in files]
-    if not queries:
-        raise layout.refuse("the class folders hold no images")
     imagenet = len(classes) == 1000 and all(WORDNET_ID.fullmatch(c) for c in classes)
     name = "imagenet" if imagenet else "imagefolder"
     candidates = [Item(folder, text=label) for folder, label in zip(classes, names)]

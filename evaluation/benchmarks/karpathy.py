@@ -6,9 +6,9 @@
     DATA/flickr30k-images/…      Flickr30k images (or right under DATA)
 
 The test split has 5,000 (COCO) or 1,000 (Flickr30k) images with five captions each (the first five, as the
-5N caption files of VSE++ and its successors hold). Text → image: each caption ranks all images, one
-positive. Image → text: each image ranks all captions; a hit is any of its five (VSE++ evaluation.i2t, BLIP
-itm_eval). COCO reports the 5k test and the 1k test — the mean over five folds of 1,000 consecutive
+5N caption files of VSE++ hold; BLIP keeps every caption, a few more). Text → image: each caption ranks all
+images, one positive. Image → text: each image ranks all captions; a hit is any of its five (VSE++
+evaluation.i2t). COCO reports the 5k test and the 1k test — the mean over five folds of 1,000 consecutive
 images (VSE++ evalrank fold5). rsum is R@1+R@5+R@10 of both directions.
 """
 
@@ -50,10 +50,13 @@ def _read(name: str, file: str, image_folder: str | None, root: Path, limit: int
         sentences = layout.value(entry, "sentences", list, where)
         if len(sentences) < CAPTIONS:
             raise layout.refuse(f"{where} has fewer than {CAPTIONS} sentences")
-        raws = [layout.value(s, "raw", str, f"{where} sentence {j}") for j, s in enumerate(sentences[:CAPTIONS])]
+        raws = [layout.value(s, "raw", str, f"{where} sentence {j}").strip()
+                for j, s in enumerate(sentences[:CAPTIONS])]
+        if not all(raws):
+            raise layout.refuse(f"{where} has an empty caption among its first {CAPTIONS}")
         image = Item(f"image-{n}", layout.image(relative, where, under=folder))
         images.append(image)
-        captions.append([Item(f"caption-{n}-{j}", text=raw.strip()) for j, raw in enumerate(raws)])
+        captions.append([Item(f"caption-{n}-{j}", text=raw) for j, raw in enumerate(raws)])
     if not images:
         raise layout.refuse(f"{file} has no images in the 'test' split")
     if name == "flickr30k":

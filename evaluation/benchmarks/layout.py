@@ -68,8 +68,8 @@ class Layout:
         path = self.file(relative)
         try:
             data = json.loads(path.read_bytes())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise self.refuse(f"{relative} is not JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise self.refuse(f"{relative} is not JSON ({type(e).__name__}: {e})") from None
         if not isinstance(data, kind):
             raise self.refuse(f"{relative} holds a JSON {type(data).__name__}, not a {kind.__name__}")
         return data
@@ -108,11 +108,10 @@ class Layout:
 
 
 def limited(queries: list[Query], limit: int | None) -> list[Query]:
-    """At most `limit` queries, spread evenly over the list (every ⌈n/limit⌉-th), so all classes stay in."""
+    """At most `limit` queries, spread evenly over the list, so that every class of a sorted list stays in."""
     if limit is None or len(queries) <= limit:
         return queries
-    step = -(-len(queries) // limit)
-    return queries[::step][:limit]
+    return [queries[i * len(queries) // limit] for i in range(limit)]
 
 
 def no_subsets(name: str, subsets: list[str] | None) -> None:

@@ -6,7 +6,8 @@
 Each query ranks its own candidate list, whose first entry is the positive; the score is precision@1
 (VLM2Vec's evaluation/eval_clip.py and eval_utils.get_pred: argmax == 0). Items are embedded once per
 distinct (text, image) as VLM2Vec's EvalDataset.get_paired_data does, so a candidate identical to the positive
-is the positive (MMEB's argmax gives it the tie). Category scores are unweighted means over their subsets.
+is the positive, as MMEB's argmax (the first index) makes it. Other exact ties count at their expected value,
+where argmax would give them to the positive. Category scores are unweighted means over their subsets.
 
 Protocol `mmeb` passes the texts as MMEB's own code does (instruction and `<|image_1|>` marker included);
 `fuselip` applies FuseLIP's evaluation changes (mmeb_fuselip.json): instructions erased except HatefulMemes'
@@ -88,6 +89,8 @@ def _read_subset(layout: Layout, images: Path, subset: str, limit: int | None, f
     def item(text: str, image: str, target: bool, where: str) -> Item:
         text = fuselip(text, subset, target) if fuselip else text
         path = layout.image(image, where, under=images) if image else None
+        if path is None and not text.strip():
+            raise layout.refuse(f"{where}: an item with neither text nor image")
         key = (path, text or None)
         if key not in items:
             items[key] = Item(f"{subset}/{len(items)}", path, text or None)
