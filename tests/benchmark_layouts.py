@@ -8,12 +8,11 @@ A code is "#c" in a text (the first one), else the red value of an image's top-l
 from __future__ import annotations
 
 import json
-import os
-import textwrap
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from conftest import install_plugin
 from PIL import Image
 
 PLUGIN = {
@@ -64,15 +63,7 @@ PLUGIN = {
 
 def write_probe_plugin(root: Path) -> dict[str, str]:
     """The `probe` package and its dist-info under `root`; the environment in which the CLI finds it."""
-    for name, content in PLUGIN.items():
-        path = root / "probe" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(content) if isinstance(content, dict) else textwrap.dedent(content).lstrip())
-    info = root / "probe-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: probe\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[retrieval.families]\nprobe = probe\n")
-    return os.environ | {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return install_plugin(root, "probe", "probe", PLUGIN)
 
 
 def image(path: Path, code: int) -> None:

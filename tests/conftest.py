@@ -27,6 +27,23 @@ def run_cli(*args: str | os.PathLike, check: bool = True, timeout: float = 300) 
     return proc
 
 
+def install_plugin(root: Path, package: str, family: str, files: dict[str, str | dict]) -> dict[str, str]:
+    """Write package `package` (files: name → Python text, dedented, or a dict written as JSON) and a dist-info whose
+    `retrieval.families` entry point names it as `family`, under `root`; returns the environment that finds it."""
+    import json
+    import textwrap
+
+    for name, content in files.items():
+        path = root / package / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content) if isinstance(content, dict) else textwrap.dedent(content).lstrip())
+    info = root / f"{package}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[retrieval.families]\n{family} = {package}\n")
+    return os.environ | {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
 STRACE = shutil.which("strace")
 DURABILITY_CALLS = ("rename", "renameat", "renameat2", "fsync", "fdatasync")
 needs_strace = pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")

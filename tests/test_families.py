@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import RETRIEVAL
+from conftest import RETRIEVAL, install_plugin
 from safetensors.torch import load_file, save_file
 
 from evaluation.shapesworld import make_shapesworld
@@ -89,15 +88,7 @@ PLUGIN = {
 
 def write_plugin(root: Path) -> dict[str, str]:
     """The `quadlip` package and its dist-info (the entry point) under `root`; the environment that finds it."""
-    for name, content in PLUGIN.items():
-        path = root / "quadlip" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(content) if isinstance(content, dict) else textwrap.dedent(content).lstrip())
-    info = root / "quadlip-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: quadlip\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[retrieval.families]\nquad = quadlip\n")
-    return os.environ | {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return install_plugin(root, "quadlip", "quad", PLUGIN)
 
 
 def cli(env: dict[str, str], *args) -> str:

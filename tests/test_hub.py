@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RETRIEVAL, durability_calls, kill_at, needs_strace
+from conftest import RETRIEVAL, durability_calls, install_plugin, kill_at, needs_strace
 from PIL import Image
 from test_fuselip_import import official_config_json, random_official_state, write_clip_bpe
 
@@ -163,19 +163,12 @@ def cli(env: dict, *args, timeout: float = 300) -> subprocess.CompletedProcess:
 def plugin(root: Path) -> Path:
     """An installed family `hubtest` that registers the released name `tiny-hub-s` (FuseLIP's classes and importer,
     the loopback hub's repository): how a registered name is tested without a test entry in the real registry."""
-    package = root / "hubtest"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "family.json").write_text(json.dumps({
+    install_plugin(root, "hubtest", "hubtest", {"__init__.py": "", "family.json": {
         "family": "hubtest", "encoder": "retrieval.encoders.fuselip:FuseLIPEncoder",
         "importer": {"function": "retrieval.encoders.fuselip.official:import_fuselip", "source": "a folder"},
         "pretrained": {"files": ["config.json", "pytorch_model.bin"],
                        "tokenizer": {"repo": CLIP_REPO, "revision": "main", "files": ["vocab.json", "merges.txt"]},
-                       "models": {"tiny-hub-s": {"repo": TINY, "dim": 64, "size": "14 MB"}}}}))
-    info = root / "hubtest-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hubtest\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[retrieval.families]\nhubtest = hubtest\n")
+                       "models": {"tiny-hub-s": {"repo": TINY, "dim": 64, "size": "14 MB"}}}}})
     return root
 
 
