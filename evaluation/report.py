@@ -18,6 +18,7 @@ from evaluation.bench.common import format_table
 from retrieval import files
 
 MISSING = "–"
+SUMS = {"rsum"}  # metrics that add up several shares: printed like the others, left out of the 0–100 % plot
 Key = tuple[Any, Any]  # (model, fusion) for a model row, (dataset, task) for a task column
 
 
@@ -190,7 +191,8 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     from matplotlib.patches import Patch
 
     grid = _grid(report)
-    n_tasks, n_models = max(len(grid.tasks), 1), max(len(grid.models), 1)
+    tasks = [t for t in grid.tasks if grid.primary(t) not in SUMS]
+    n_tasks, n_models = max(len(tasks), 1), max(len(grid.models), 1)
     group = 0.82  # share of a task's band the bars fill
     bar = group / n_models
     height = 1.6 + n_tasks * (0.26 * n_models + 0.3)
@@ -199,7 +201,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["tab10" if n_models <= 10 else "tab20"]
     palette = [cmap(i % cmap.N) for i in range(n_models)]
-    for i, task in enumerate(grid.tasks):
+    for i, task in enumerate(tasks):
         if i % 2:
             ax.axhspan(i - 0.5, i + 0.5, color="0.94", zorder=0)
         for j, m in enumerate(grid.models):
@@ -215,10 +217,10 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         chance = grid.chance(task)
         if chance is not None:
             ax.plot([100 * chance] * 2, [i - 0.47, i + 0.47], color="black", lw=1.4, ls=(0, (3, 2)), zorder=4)
-    ax.set_yticks(range(len(grid.tasks)))
+    ax.set_yticks(range(len(tasks)))
     ax.set_yticklabels([f"{grid.labels[t]}\n{grid.primary(t)}"
                         + ("" if grid.chance(t) is None else f", chance {_chance_pct(grid.chance(t))}")
-                        for t in grid.tasks], fontsize=9)
+                        for t in tasks], fontsize=9)
     ax.set_ylim(n_tasks - 0.5, -0.5)  # first task at the top, first model at the top of each group
     ax.set_xlim(0, 108)
     ax.set_xticks(range(0, 101, 10))

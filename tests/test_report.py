@@ -163,6 +163,18 @@ def test_plot_png(tmp_path):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10
 
 
+def test_plot_leaves_out_sums_but_the_tables_keep_them(tmp_path):
+    """rsum (R@1+R@5+R@10 of both directions, up to 600 %) has no place on a 0–100 % axis."""
+    report = _report()
+    rsum = {"model": MODELS[0][0], "fusion": MODELS[0][1], "dataset": "coco", "task": "rsum", "primary": "rsum",
+            "metrics": {"rsum": 2.345}, "chance": None}
+    rep.plot(report, tmp_path / "without.png")
+    rep.plot({**report, "results": report["results"] + [rsum]}, tmp_path / "with.png")
+    with Image.open(tmp_path / "without.png") as without, Image.open(tmp_path / "with.png") as with_sum:
+        assert without.size == with_sum.size  # no band was added for it
+    assert "234.5" in rep.markdown({**report, "results": report["results"] + [rsum]})
+
+
 def test_plot_empty_report(tmp_path):
     rep.plot({"format": "retrieval.eval", "k": KS, "results": []}, tmp_path / "empty.png")
     with Image.open(tmp_path / "empty.png") as im:
