@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 $(BIN)/retrieval: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0   # first and pinned: the CPU build; an unpinned torch pulls CUDA wheels
-	$(BIN)/pip install -q -e ".[serve,test]"
+	$(BIN)/pip install -q -e ".[serve,test,ray]"
 	touch $@
 
 .PHONY: setup browser demo test test-fast lint results

@@ -35,6 +35,7 @@ QUERY_THREADS_HELP = "torch and FAISS threads: one query gains nothing from more
 FOLLOW_HELP = "Read files that symlinks under the corpus root lead to outside it (refused by default)."
 ROOT_ONLY_HELP = ("Refuse manifest paths outside the manifest's folder (absolute or ../), as for a corpus "
                   "you did not write.")
+RAY_ADDRESS_HELP = "--engine ray: the cluster to join (auto: the one `ray start` runs here); default: a local one."
 
 
 @app.command()
@@ -53,13 +54,21 @@ def encode(
                                                                     "item's active codebook token ids and weights."),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help=FOLLOW_HELP),
     root_only: bool = typer.Option(False, "--root-only", help=ROOT_ONLY_HELP),
+    engine: str = typer.Option("local", "--engine", help="local (this process and its loaders) | ray (a Ray "
+                                                         "cluster: tasks read, an actor pool embeds)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    actors: int = typer.Option(1, "--actors", help="--engine ray: embedding actors, each holding the model."),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="--engine ray: GPUs each actor holds "
+                                                                       "(0: embed on the CPU)."),
 ) -> None:
     """Encode a corpus into a Parquet embedding store."""
     from retrieval.encode import encode_corpus
 
     summary = encode_corpus(corpus, out, model, batch_size=batch_size, workers=workers, device=device,
                             dtype=dtype, strict=strict, part_size=part_size, fusion=fusion,
-                            sparse_codes=sparse_codes, follow_symlinks=follow_symlinks, root_only=root_only)
+                            sparse_codes=sparse_codes, follow_symlinks=follow_symlinks, root_only=root_only,
+                            engine=engine, ray={"address": ray_address, "actors": actors,
+                                                "gpus_per_actor": gpus_per_actor})
     typer.echo("\n".join(summary.lines()))
 
 
@@ -78,12 +87,17 @@ def index_build(
     fusion: str | None = typer.Option(None, "--fusion", help=FUSION_HELP),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help=FOLLOW_HELP + " (corpus SOURCE)"),
     root_only: bool = typer.Option(False, "--root-only", help=ROOT_ONLY_HELP + " (corpus SOURCE)"),
+    shards: int | None = typer.Option(None, "--shards", help="IVF keys: fill the lists in N shards in parallel and "
+                                                             "merge them into one on-disk index."),
+    engine: str = typer.Option("local", "--engine", help="Where shards are filled: local (processes) | ray."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """Build a FAISS index (index-<sha>.faiss + index.json) from an embedding store or a corpus."""
     from retrieval.indexing import build_index_folder
 
     info = build_index_folder(source, out, model=model, index_key=index_key, device=device,
                               memory_budget=memory_budget, target_recall=target_recall, goal=optimize,
+                              shards=shards, engine=engine, ray_address=ray_address,
                               encode_options={"batch_size": batch_size, "workers": workers, "device": device,
                                               "fusion": fusion, "follow_symlinks": follow_symlinks,
                                               "root_only": root_only})
@@ -617,6 +631,36 @@ def bench_index(
                                memory_budget=memory_budget, target_recall=target_recall, threads=threads,
                                goal=optimize, compare_hnsw=compare_hnsw)
     _print_bench(report, index.report_lines(report), json_out)
+
+
+@bench_app.command("ray")
+def bench_ray(
+    model: str = typer.Option("test-tiny", "--model", help="Registered model name or checkpoint folder."),
+    n: int = typer.Option(10_000, "--n", help="Generated ShapesWorld items."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    actors: int = typer.Option(1, "--actors", help="Embedding actors of the Ray run."),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """The local encode job against --engine ray on a local Ray instance: items/s and their ratio."""
+    from evaluation.bench import scale
+
+    report = scale.bench_ray(model, n=n, batch_size=batch_size, actors=actors)
+    _print_bench(report, scale.ray_lines(report), json_out)
+
+
+@bench_app.command("shards")
+def bench_shards(
+    n: int = typer.Option(1_000_000, "--n", help="Synthetic vectors."),
+    dim: int = typer.Option(256, "--dim"),
+    shards: int = typer.Option(4, "--shards", help="Compared with --shards 1."),
+    index_key: str = typer.Option("auto", "--index-key", help="auto (a sharded build's choice) or an IVF key."),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """index build --shards 1 against --shards N: seconds, peak RSS of the largest process, file sizes, recall."""
+    from evaluation.bench import scale
+
+    report = scale.bench_shards(n=n, dim=dim, shards=shards, key=index_key)
+    _print_bench(report, scale.shards_lines(report), json_out)
 
 
 @bench_app.command("query")

@@ -18,6 +18,7 @@ from indexers.kinds import Knob, factory_string, tuning
 
 TRAIN_POINTS_PER_LIST = 39  # the least FAISS trains k-means on without a warning; more only costs build time
 MAX_TRAIN = 256_000
+Fill = Callable[[object], object]  # a trained (CPU) index → the index filled with every row
 
 
 @dataclass
@@ -67,7 +68,7 @@ def training_points(n: int, lists: int) -> int:
 
 
 def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int, target: float,
-         rescore: Rescore | None = None) -> tuple[str, Recall]:
+         rescore: Rescore | None = None, skip: np.ndarray | None = None) -> tuple[str, Recall]:
     """The cheapest setting of the index's knobs whose exact-rescored k-recall@k on the sample reaches `target`
     with 95 % confidence (the sample's recall less 1.645 standard errors: new queries should get the target too).
 
@@ -77,6 +78,7 @@ def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: in
     value with the second at its highest, and 1.5, 2 and 4 times that, each with the second's smallest value
     that reaches the target; of these pairs the one that searches fastest, since one knob at its minimum can force
     the other to a costly corner. Any further knob is then minimised on its own.
+    `skip`: row ids the index holds that the searches pass by (the queries themselves, where they are in it).
     """
     import faiss
 
@@ -92,7 +94,7 @@ def tune(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: in
         if params not in measured:
             if params:
                 space.set_index_parameters(index, params)
-            measured[params] = measure(index, queries, truth, k, rescore)
+            measured[params] = measure(index, queries, truth, k, rescore, skip, params)
         return measured[params]
 
     def least(values: dict[str, int], knob: Knob) -> int:
@@ -145,8 +147,16 @@ def smallest(reaches: Callable[[int], bool], low: int, high: int) -> int:
 
 
 def measure(index, queries: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int,
-            rescore: Rescore | None = None) -> Recall:
-    _, ids = index.search(queries, k)
+            rescore: Rescore | None = None, skip: np.ndarray | None = None, params: str = "") -> Recall:
+    if skip is not None:
+        import faiss
+
+        from indexers.kinds import selector_params
+
+        search = selector_params(index, faiss.IDSelectorNot(faiss.IDSelectorBatch(skip)), params)
+        _, ids = index.search(queries, k, params=search)
+    else:
+        _, ids = index.search(queries, k)
     return recall_at_k(ids, truth[1], truth[0], k, rescore)
 
 
@@ -161,24 +171,28 @@ def held_out(batches: Batches, rows: np.ndarray) -> Batches:
 
 def build_index(batches: Batches, n: int, dim: int, key: str, sample_vectors: Callable[[int], np.ndarray],
                 recall_queries: np.ndarray, recall_rows: np.ndarray, device: str = "auto",
-                target_recall: float = 0.95, k: int = 10, progress: bool = True) -> BuiltIndex:
+                target_recall: float = 0.95, k: int = 10, progress: bool = True,
+                fill: Fill | None = None) -> BuiltIndex:
     """Build `key` over `n` vectors streamed by `batches`, tuned to reach `target_recall` k-recall@k.
 
     The tuning queries are stored vectors (`recall_rows`), held out of the index until tuning is done:
     a vector that is already in the index finds itself and its neighbourhood too easily, which overstates
     the recall a new query gets (by 0.01-0.03 at 1M vectors). At most a tenth of the store is held out.
+    `fill`, if given, fills the trained (CPU) index with every row and returns it (in shards: indexers.shards);
+    the held-out rows are then passed by with an id selector while tuning, which for an IVF index is the same as
+    their absence. By default the rows are streamed in here.
     """
     notes: list[str] = []
     check_index_key(key)
     factory = factory_string(key)
     with faiss_errors(key):
         return _build(batches, n, dim, key, factory, sample_vectors, recall_queries, recall_rows, device,
-                      target_recall, k, progress, notes)
+                      target_recall, k, progress, notes, fill)
 
 
 def _build(batches: Batches, n: int, dim: int, key: str, factory: str, sample_vectors: Callable[[int], np.ndarray],
            recall_queries: np.ndarray, recall_rows: np.ndarray, device: str, target_recall: float, k: int,
-           progress: bool, notes: list[str]) -> BuiltIndex:
+           progress: bool, notes: list[str], fill: Fill | None) -> BuiltIndex:
     import faiss
     from tqdm import tqdm
 
@@ -209,18 +223,23 @@ def _build(batches: Batches, n: int, dim: int, key: str, factory: str, sample_ve
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    with tqdm(total=n - len(rows), unit="vec", desc=f"add {key}", disable=not progress, dynamic_ncols=True) as bar:
-        for ids, vectors in others():
-            index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
-            bar.update(len(ids))
-    index = to_cpu(index)
+    if fill is not None:
+        index = fill(to_cpu(index))
+    else:
+        with tqdm(total=n - len(rows), unit="vec", desc=f"add {key}", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for ids, vectors in others():
+                index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+                bar.update(len(ids))
+        index = to_cpu(index)
     seconds["add"] = time.perf_counter() - t
 
     t = time.perf_counter()
     truth = exact_search(queries, others, k + TRUTH_MARGIN)
-    params, recall = tune(index, queries, truth, k, target_recall, rescorer(queries, others))
+    params, recall = tune(index, queries, truth, k, target_recall, rescorer(queries, others),
+                          skip=rows if fill is not None else None)
     seconds["tune"] = time.perf_counter() - t
-    if len(rows):
+    if len(rows) and fill is None:
         index.add_with_ids(queries, rows)
     if index.ntotal != n:
         raise IndexerError(f"index holds {index.ntotal} vectors but the store has {n}")

@@ -100,3 +100,12 @@ def choose_index(n: int, dim: int, memory_budget: int, gpu: bool = False) -> Ind
     on 2 cores, 2026-12-02, it picked IVF4096,PQ128x4fs,Refine(SQ8), which searched 2.3-2.9× faster than HNSW32
     at recall@10 ≥ 0.95 and built in 54-56 s against 130 s)."""
     return candidates(n, dim, memory_budget, gpu)[0]
+
+
+def sharded_choice(n: int, dim: int) -> IndexChoice:
+    """The `auto` key of a sharded build, whose lists live on disk: the ladder's first IVF kind, 8-bit scalar-
+    quantised codes (the fast-scan and refined kinds cannot keep their lists on disk)."""
+    nlist = nlist_for(n)
+    key = f"IVF{nlist}_HNSW{HNSW_M},SQ8" if nlist >= 1024 else f"IVF{nlist},SQ8"
+    return IndexChoice(key, estimate_bytes(key, n, dim), f"sharded on disk: inverted lists over {nlist} clusters, "
+                       "8-bit scalar-quantised vectors")

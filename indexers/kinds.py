@@ -153,5 +153,8 @@ def selector_params(index, selector, search_params: str | None):
 
 
 def supports_gpu(index) -> bool:
-    """Whether the index's kind has a classic GPU implementation (HNSW, fast-scan and refine have none)."""
-    return kind_of(index).gpu
+    """Whether the index's kind has a classic GPU implementation (HNSW, fast-scan and refine have none), and the
+    index is in RAM (an on-disk index's lists would all be copied to the GPU)."""
+    from indexers.shards import is_on_disk
+
+    return kind_of(index).gpu and not is_on_disk(index)

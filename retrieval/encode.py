@@ -6,6 +6,8 @@ Writer: a thread assembles parts and commits them (part file, errors.parquet, th
 each written atomically). The plan is deterministic — part i always covers corpus positions
 [i·part_size, (i+1)·part_size) — so a killed job rerun with the same command resumes after the
 last committed part and ends with every item exactly once.
+With `engine="ray"` the reader and mapper run on a Ray cluster instead (retrieval.encode_ray); the writer and the
+resume are the same, so the store is the same.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +31,7 @@ from retrieval.corpus import Corpus, read_corpus
 from retrieval.errors import RetrievalError
 from retrieval.files import atomic_path, check_out_folder, folder_lock, remove_leftovers
 from retrieval.images import ImageReadError, load_image
-from retrieval.paths import excerpt
+from retrieval.paths import PathPolicy, excerpt
 from retrieval.store import DTYPES, ERRORS, embedding_array, write_part
 from retrieval.store import write_manifest as commit_manifest
 from retrieval.store_manifest import FORMAT, MANIFEST, VERSION, current_version, next_row, part_name
@@ -75,21 +78,26 @@ class PreparedItems:
         return len(self.ids)
 
     def __getitem__(self, position: int) -> tuple[int, Any]:
-        if self.errors[position] is not None:
-            return position, self.errors[position]
-        try:
-            image = load_image(self.images[position], policy=self.paths) if self.images[position] else None
-            return position, self.encoder.prepare(image, self.texts[position])
-        except ImageReadError as e:
-            return position, str(e)
-        except Exception as e:  # a bad item must never stop the job; its reason is kept
-            return position, f"cannot prepare item: {type(e).__name__}: {e}"
+        return position, prepare_item(self.encoder, self.images[position], self.texts[position],
+                                      self.errors[position], self.paths)
 
     def collate(self, items: list[tuple[int, Any]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
         good = [(p, x) for p, x in items if not isinstance(x, str)]
         bad = [(p, x) for p, x in items if isinstance(x, str)]
         batch = self.encoder.collate([x for _, x in good]) if good else None
         return [p for p, _ in good], batch, bad
+
+
+def prepare_item(encoder, image: str | None, text: str | None, error: str | None, paths: PathPolicy) -> Any:
+    """An item's prepared tensors, or the reason it cannot be encoded (a string)."""
+    if error is not None:
+        return error
+    try:
+        return encoder.prepare(load_image(image, policy=paths) if image else None, text)
+    except ImageReadError as e:
+        return str(e)
+    except Exception as e:  # a bad item must never stop the job; its reason is kept
+        return f"cannot prepare item: {type(e).__name__}: {e}"
 
 
 def _worker_init(_: int) -> None:
@@ -114,10 +122,21 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
                   batch_size: int = 256, workers: int | None = None, device: str = "auto",
                   dtype: str = "float32", strict: bool = False, part_size: int = 10_000,
                   progress: bool = True, fusion: str | None = None, sparse_codes: bool = False,
-                  follow_symlinks: bool = False, root_only: bool = False) -> EncodeSummary:
+                  follow_symlinks: bool = False, root_only: bool = False, engine: str = "local",
+                  ray: dict[str, Any] | None = None) -> EncodeSummary:
     """Encode a corpus into an embedding store at `out`, resuming a previous run of the same job.
-    `follow_symlinks` / `root_only`: which files the corpus may read (retrieval.paths)."""
+    `follow_symlinks` / `root_only`: which files the corpus may read (retrieval.paths). `engine` "ray" runs the
+    reading and embedding on a Ray cluster, with `ray` options (retrieval.encode_ray.RayOptions)."""
     check_encode_options(batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size)
+    if engine not in ("local", "ray"):
+        raise RetrievalError(f"--engine must be local or ray, got {engine!r}")
+    embedded = None
+    if engine == "ray":
+        from retrieval.encode_ray import RayOptions, ray_embedded
+
+        options = RayOptions(**(ray or {}), device=device, fusion=fusion, model=model)
+        embedded = ray_embedded(options)
+        device = "cpu"  # the driver's copy of the encoder only describes the model and prepares nothing
     out = Path(out)
     check_out_folder(out, "an embedding store", lambda folder: (folder / MANIFEST).is_file())
     from retrieval.encoders import load_encoder
@@ -130,7 +149,7 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
         require(encoder, "sparse_codes", "--sparse-codes")
     with folder_lock(out, "encode job"):
         return encode_items(corpus, out, encoder, batch_size, workers, dtype, strict, part_size, progress,
-                            sparse_codes, started)
+                            sparse_codes, started, embedded=embedded)
 
 
 def check_encode_options(batch_size: int = 256, workers: int | None = None, dtype: str = "float32",
@@ -144,12 +163,19 @@ def check_encode_options(batch_size: int = 256, workers: int | None = None, dtyp
         raise RetrievalError(f"--workers must be 0 (read in this process) to {MAX_WORKERS}, got {workers}")
 
 
+Embedded = tuple[range, list[int], np.ndarray, dict[str, list], list[tuple[int, str]]]
+"""A run of consecutive corpus positions, embedded: (positions, the good ones, their vectors, their extra column
+values, (position, reason) of the bad ones)."""
+Embedder = Callable[[Corpus, Any, int, int, bool, int], Iterator[Embedded]]
+"""(corpus, encoder, first position, batch size, sparse codes, part size) → the embedded runs, in corpus order."""
+
+
 def encode_items(corpus: Corpus, out: Path, encoder, batch_size: int, workers: int | None, dtype: str, strict: bool,
                  part_size: int, progress: bool, sparse_codes: bool, started: float, first_row: int = 0,
-                 first_part: int = 0) -> EncodeSummary:
+                 first_part: int = 0, embedded: Embedder | None = None) -> EncodeSummary:
     """Encode a read corpus into the store at `out` (locked by the caller), resuming; its rows get ids from
-    `first_row` and its parts numbers from `first_part` (a store that items are added to gives both)."""
-    import torch
+    `first_row` and its parts numbers from `first_part` (a store that items are added to gives both).
+    `embedded`: where the items are prepared and embedded (default: here, with `workers` loader processes)."""
     from tqdm import tqdm
 
     manifest = _start_or_resume(out, corpus, encoder, dtype, part_size, sparse_codes, first_row, first_part)
@@ -159,30 +185,17 @@ def encode_items(corpus: Corpus, out: Path, encoder, batch_size: int, workers: i
     errors = _committed_errors(out, start)
     if strict and errors:
         raise RetrievalError(f"--strict: item {errors[0]['id']!r}: {errors[0]['error']}")
-    plan = [(p, list(range(lo, min(lo + batch_size, (p + 1) * part_size, n))))
-            for p in range(done_parts, -(-n // part_size))
-            for lo in range(p * part_size, min((p + 1) * part_size, n), batch_size)]
-    workers = default_workers() if workers is None else workers
-
+    embedded = embedded or local_embedded(workers)
     writer = _PartWriter(out, corpus, manifest, dtype, errors)
-    dataset = PreparedItems(corpus, encoder)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=[positions for _, positions in plan], num_workers=workers,
-        collate_fn=dataset.collate, worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None)
     bar = tqdm(total=n, initial=start, unit="item", desc=f"encode {encoder.name}",
                disable=not progress, dynamic_ncols=True)
+    ids = corpus.table["id"]
     try:
-        for (part, positions), (good, batch, bad) in zip(plan, loader):
+        for positions, good, vectors, extra, bad in embedded(corpus, encoder, start, batch_size, sparse_codes,
+                                                             part_size):
             if strict and bad:
-                raise RetrievalError(f"--strict: item {dataset.ids[bad[0][0]]!r}: {bad[0][1]}")
-            if batch is not None:
-                vectors, extra = encoder.embed_with_columns(batch, sparse_codes)
-                vectors = vectors.numpy()
-            else:
-                vectors, extra = np.zeros((0, encoder.dim)), {c: [] for c in manifest.get("extra_columns", [])}
-            last = positions[-1] == min((part + 1) * part_size, n) - 1
-            writer.put(part, good, vectors, extra, bad, last)
+                raise RetrievalError(f"--strict: item {ids[bad[0][0]].as_py()!r}: {bad[0][1]}")
+            writer.put(positions, good, vectors, extra, bad)
             bar.update(len(positions))
         writer.close()
     except BaseException:
@@ -199,6 +212,33 @@ def encode_items(corpus: Corpus, out: Path, encoder, batch_size: int, workers: i
     return EncodeSummary(store=out, items=n, encoded=manifest["count"], errors=len(writer.errors),
                          seconds=time.perf_counter() - started, error_reasons=dict(reasons),
                          resumed_from=start)
+
+
+def local_embedded(workers: int | None) -> Embedder:
+    """Items prepared by `workers` DataLoader processes (0: in this process) and embedded here, a batch at a time;
+    a batch never crosses a part boundary."""
+    def embedded(corpus: Corpus, encoder, start: int, batch_size: int, sparse_codes: bool,
+                 part_size: int) -> Iterator[Embedded]:
+        import torch
+
+        n = len(corpus)
+        plan = [range(lo, min(lo + batch_size, (lo // part_size + 1) * part_size, n))
+                for p in range(start // part_size, -(-n // part_size))
+                for lo in range(max(p * part_size, start), min((p + 1) * part_size, n), batch_size)]
+        count = default_workers() if workers is None else workers
+        dataset = PreparedItems(corpus, encoder)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=[list(positions) for positions in plan], num_workers=count,
+            collate_fn=dataset.collate, worker_init_fn=_worker_init if count else None,
+            prefetch_factor=4 if count else None)
+        for positions, (good, batch, bad) in zip(plan, loader):
+            if batch is not None:
+                vectors, extra = encoder.embed_with_columns(batch, sparse_codes)
+                vectors = vectors.numpy()
+            else:
+                vectors, extra = np.zeros((0, encoder.dim), np.float32), {c: [] for c in encoder.extra_columns}
+            yield positions, good, vectors, extra, bad
+    return embedded
 
 
 def _start_or_resume(out: Path, corpus: Corpus, encoder, dtype: str, part_size: int, sparse_codes: bool,
@@ -264,11 +304,22 @@ class _PartWriter:
         self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self.thread.start()
 
-    def put(self, part: int, good: list[int], vectors: np.ndarray, extra: dict[str, list],
-            bad: list[tuple[int, str]], last: bool) -> None:
+    def put(self, positions: range, good: list[int], vectors: np.ndarray, extra: dict[str, list],
+            bad: list[tuple[int, str]]) -> None:
+        """Queue a run of consecutive embedded positions, split where parts end."""
         if self.failure:
             raise self.failure
-        self.queue.put((part, good, vectors, extra, bad, last))
+        size, n = self.manifest["part_size"], len(self.corpus)
+        good_at = np.asarray(good, dtype=np.int64)
+        lo = positions.start
+        while lo < positions.stop:
+            part = lo // size
+            hi = min(positions.stop, (part + 1) * size)
+            take = np.flatnonzero((good_at >= lo) & (good_at < hi))
+            self.queue.put((part, [good[i] for i in take], vectors[take],
+                            {c: [values[i] for i in take] for c, values in extra.items()},
+                            [(p, r) for p, r in bad if lo <= p < hi], hi == min((part + 1) * size, n)))
+            lo = hi
 
     def close(self) -> None:
         self.queue.put(None)

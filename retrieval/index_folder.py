@@ -4,6 +4,10 @@ index.json names the index file in use (with its size and checksum) and says wha
 index file under a name made from its checksum, then replaces index.json in one atomic rename: that rename is the
 commit. A reader sees the old pair or the new pair, never a mix; a build killed at any moment leaves the last
 committed pair, and the next build clears what the killed one left.
+
+An index built in shards keeps its inverted lists in a second file, `lists-<sha>.ivfdata`, that searches
+memory-map; index.json names it too (with its size and the checksum of its last bytes: the whole file can be far
+larger than RAM), and the index file records its name without a folder, so the index folder can move.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import errno
 import json
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +30,14 @@ from retrieval.files import (
     temporary_name,
     write_json,
 )
-from retrieval.store import EmbeddingStore
+from retrieval.store import EmbeddingStore, tail_sha256
 
 INDEX_JSON = "index.json"
 INDEX_FORMAT = "retrieval.index"
 INDEX_VERSION = 2
 FILE_DIGEST = 16  # hex digits of the checksum in an index file's name
 BUILT_FILE = re.compile(rf"index-[0-9a-f]{{{FILE_DIGEST}}}\.faiss")  # the files a build writes
+LISTS_FILE = re.compile(rf"lists-[0-9a-f]{{{FILE_DIGEST}}}\.ivfdata")  # an on-disk index's lists
 FILE_NAME = re.compile(rf"{BUILT_FILE.pattern}|index\.faiss")  # what index.json may name (version 1: index.faiss)
 # What a reader needs from index.json, with its type; a folder whose index.json lacks one is refused whole.
 REQUIRED = {"format": str, "version": int, "count": int, "dim": int, "search_params": str, "store": dict,
@@ -43,7 +49,8 @@ OPTIONAL_IN = {"encoder": {"checkpoint": str, "fusion_mode": str}}  # absent or 
 def is_index_folder(folder: Path) -> bool:
     """An index folder, or what a killed first build left of one (its store, an index file not yet committed)."""
     store = folder / "store"
-    return ((folder / INDEX_JSON).is_file() or any(BUILT_FILE.fullmatch(p.name) for p in folder.iterdir())
+    return ((folder / INDEX_JSON).is_file() or any(BUILT_FILE.fullmatch(p.name) or LISTS_FILE.fullmatch(p.name)
+                                                   for p in folder.iterdir())
             or EmbeddingStore.is_store(store) or (store.is_dir() and _only_leftovers(store)))
 
 
@@ -74,6 +81,19 @@ def write_index_file(index, out: Path) -> tuple[Path, str]:
     return final, digest
 
 
+def write_lists_file(index, out: Path) -> dict[str, Any]:
+    """Name an on-disk index's lists file (merged at a temporary name in `out`) by its checksum, durably, and point
+    the index at that name; returns what index.json records of it. Call before write_index_file."""
+    from indexers.shards import lists_file, rename_lists
+
+    tmp = Path(lists_file(index))
+    digest = sha256_file(tmp)
+    final = out / f"lists-{digest[:FILE_DIGEST]}.ivfdata"
+    durable_rename(tmp, final)
+    rename_lists(index, final.name)
+    return {"lists_file": final.name, "lists_bytes": final.stat().st_size, "lists_tail_sha256": tail_sha256(final)}
+
+
 def commit(out: Path, info: dict[str, Any], previous: str | None) -> None:
     """Make `info` (naming an index file already written) the folder's index: one rename; then tidy up."""
     write_json(out / INDEX_JSON, info)
@@ -84,10 +104,16 @@ def commit(out: Path, info: dict[str, Any], previous: str | None) -> None:
 
 def committed_file(out: Path) -> str | None:
     """The index file that index.json names, if there is a readable index.json."""
+    return committed_files(out)[0] if committed_files(out) else None
+
+
+def committed_files(out: Path) -> list[str]:
+    """The files that index.json names (the index file, and an on-disk index's lists), if it is readable."""
     try:
-        return read_index_json(out)["file"] if (out / INDEX_JSON).is_file() else None
+        info = read_index_json(out) if (out / INDEX_JSON).is_file() else {}
     except RetrievalError:
-        return None
+        return []
+    return [name for name in (info.get("file"), info.get("lists_file")) if name]
 
 
 def clear_leftovers(out: Path) -> None:
@@ -95,9 +121,9 @@ def clear_leftovers(out: Path) -> None:
     if not out.is_dir():
         return
     remove_leftovers(out)
-    keep = committed_file(out)
+    keep = committed_files(out)
     for path in out.iterdir():
-        if BUILT_FILE.fullmatch(path.name) and path.name != keep:
+        if (BUILT_FILE.fullmatch(path.name) or LISTS_FILE.fullmatch(path.name)) and path.name not in keep:
             path.unlink()
 
 
@@ -128,6 +154,11 @@ def read_index_json(folder: str | os.PathLike) -> dict[str, Any]:
                                          and re.fullmatch("[0-9a-f]{64}", info["file_sha256"])
                                          and has_type(info.get("index_bytes"), int)):
         problems.append("file_sha256 and index_bytes (the index file's checksum and size)")
+    if "lists_file" in info and not (isinstance(info["lists_file"], str) and LISTS_FILE.fullmatch(info["lists_file"])
+                                     and has_type(info.get("lists_bytes"), int)
+                                     and re.fullmatch("[0-9a-f]{64}", str(info.get("lists_tail_sha256")))):
+        problems.append("lists_file, lists_bytes and lists_tail_sha256 (a lists-<sha>.ivfdata file, its size and "
+                        "the checksum of its end)")
     if not problems and (info["count"] < 0 or info["dim"] <= 0):
         problems.append("count ≥ 0 and dim > 0")
     if problems:
@@ -145,7 +176,7 @@ def read_index_file(folder: str | os.PathLike, info: dict[str, Any]):
     if size != info.get("index_bytes", size) or (info["file_sha256"] and sha256_file(path) != info["file_sha256"]):
         raise RetrievalError(f"{path} is damaged: its size or checksum differs from {INDEX_JSON}; rebuild the index")
     try:
-        index = faiss.read_index(str(path))
+        index = read_on_disk(path, info) if "lists_file" in info else faiss.read_index(str(path))
     except RuntimeError as e:
         raise RetrievalError(f"{path} is not a readable FAISS index ({str(e).strip().splitlines()[-1]}); "
                              "rebuild the index") from None
@@ -155,6 +186,30 @@ def read_index_file(folder: str | os.PathLike, info: dict[str, Any]):
     return index
 
 
+def read_on_disk(path: Path, info: dict[str, Any]):
+    """An on-disk index, its lists memory-mapped read-only from the lists file beside it, checked by size and tail.
+
+    FAISS records the lists file by the name it had when the index was written; its own same-folder option prints
+    to stdout on every read, so the name (stored as an 8-byte length and the bytes) is replaced here by the path in
+    this folder before the header is read from memory."""
+    import faiss
+    import numpy as np
+
+    lists = path.parent / info["lists_file"]
+    if lists.stat().st_size != info["lists_bytes"] or tail_sha256(lists) != info["lists_tail_sha256"]:
+        raise RetrievalError(f"{lists} is damaged: its size or checksum differs from {INDEX_JSON}; rebuild the index")
+    name = info["lists_file"].encode()
+    header = path.read_bytes()
+    recorded = struct.pack("<Q", len(name)) + name
+    if header.count(recorded) != 1:
+        raise RetrievalError(f"{path} does not name its lists file {info['lists_file']}; rebuild the index")
+    where = str(lists.resolve()).encode()
+    reader = faiss.VectorIOReader()
+    faiss.copy_array_to_vector(np.frombuffer(header.replace(recorded, struct.pack("<Q", len(where)) + where),
+                                             dtype=np.uint8), reader.data)
+    return faiss.read_index(reader, faiss.IO_FLAG_READ_ONLY)
+
+
 def read_index_folder(folder: str | os.PathLike, attempts: int = 3) -> tuple[dict[str, Any], Any]:
     """index.json and the FAISS index it names, read as one pair: when a build commits in between (the file
     named is gone), index.json is read again."""
@@ -162,8 +217,8 @@ def read_index_folder(folder: str | os.PathLike, attempts: int = 3) -> tuple[dic
         info = read_index_json(folder)
         try:
             return info, read_index_file(folder, info)
-        except FileNotFoundError:
+        except FileNotFoundError as e:  # the index file, or an on-disk index's lists file
             if attempt == attempts - 1 or read_index_json(folder) == info:
-                raise RetrievalError(f"{Path(folder) / info['file']}, named by {INDEX_JSON}, is missing; "
-                                     "rebuild the index") from None
+                raise RetrievalError(f"{e.filename or Path(folder) / info['file']}, named by {INDEX_JSON}, is "
+                                     "missing; rebuild the index") from None
     raise AssertionError("unreachable")

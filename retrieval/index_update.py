@@ -77,6 +77,8 @@ def sync(folder: Path, progress: bool = False) -> list[str]:
                              f"`retrieval index rebuild {folder}`")
     if now.version == at:
         return []
+    if info.get("lists_file"):  # its committed lists are read-only: a sharded index follows by a new build
+        return rebuild_from(folder, info, progress, f"store version {now.version}")
     info, index = read_index_folder(folder)  # read only when there is something to follow
     removal = info.get("removal")
     if removal == "selector" and {d["file"] for d in old.deletions} - {d["file"] for d in now.deletions}:
@@ -154,7 +156,8 @@ def rebuild_from(folder: Path, info: dict[str, Any], progress: bool, why: str,
     if not EmbeddingStore(store_path_of(folder, info)).count:
         return [empty_index(folder, info, why)]
     built = _build(store_path_of(folder, info), folder, None, index_key or info.get("index_key", "auto"), "auto",
-                   info.get("memory_budget", "4GB"), info.get("target_recall", 0.95), progress, {}, "latency")
+                   info.get("memory_budget", "4GB"), info.get("target_recall", 0.95), progress, {}, "latency",
+                   shards=info.get("shards"))
     return [f"rebuilt the index ({why}): {built['index_key']} over {built['count']} vectors, "
             f"ann_recall@10 {built['ann_recall@10']:.3f}"]
 
@@ -170,6 +173,8 @@ def empty_index(folder: Path, info: dict[str, Any], why: str) -> str:
     index = faiss.index_factory(info["dim"], factory_string("Flat"), faiss.METRIC_INNER_PRODUCT)
     index_file, digest = write_index_file(index, folder)
     previous = info["file"]
+    for key in ("lists_file", "lists_bytes", "lists_tail_sha256", "shards"):  # an exact index keeps no lists
+        info.pop(key, None)
     info |= {"file": index_file.name, "file_sha256": digest, "index_bytes": index_file.stat().st_size, "count": 0,
              "index_key": "Flat", "factory": factory_string("Flat"), "search_params": "", "removal": None,
              "built_count": 0, "store": info["store"] | {"version": store.version, "fingerprint": store.fingerprint(),

@@ -19,6 +19,7 @@ from retrieval.index_folder import (
     committed_file,
     is_index_folder,
     write_index_file,
+    write_lists_file,
 )
 from retrieval.store import EmbeddingStore
 
@@ -66,8 +67,11 @@ def open_source(source: str | os.PathLike, out: Path, model: str | None, encode_
 def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
                        index_key: str = "auto", device: str = "auto", memory_budget: str = "4GB",
                        target_recall: float = 0.95, progress: bool = True,
-                       encode_options: dict[str, Any] | None = None, goal: str = "latency") -> dict[str, Any]:
-    """Build an index folder and return what index.json records."""
+                       encode_options: dict[str, Any] | None = None, goal: str = "latency",
+                       shards: int | None = None, engine: str = "local", ray_address: str | None = None
+                       ) -> dict[str, Any]:
+    """Build an index folder and return what index.json records. With `shards`, an IVF index whose lists are
+    filled in that many shards (local processes, or Ray tasks with `engine` "ray") and merged on disk."""
     from indexers.build import check_index_key
     from indexers.choose import parse_memory
     from indexers.select import check_goal
@@ -81,20 +85,25 @@ def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model:
     check_goal(goal)
     if index_key != "auto":
         check_index_key(index_key)
+    if shards is not None:
+        from indexers.shards import check_shards
+
+        check_shards(shards, engine)
     check_encode_options(**encode_options)
     check_out_folder(out, "an index folder", is_index_folder)
     with folder_lock(out, "index build"):
         return _build(source, out, model, index_key, device, memory_budget, target_recall, progress,
-                      encode_options, goal)
+                      encode_options, goal, shards, engine, ray_address)
 
 
 def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: str, device: str,
            memory_budget: str, target_recall: float, progress: bool, encode_options: dict[str, Any],
-           goal: str) -> dict[str, Any]:
+           goal: str, shards: int | None = None, engine: str = "local", ray_address: str | None = None
+           ) -> dict[str, Any]:
     import faiss
 
     from indexers.build import build_index
-    from indexers.choose import IndexChoice, parse_memory
+    from indexers.choose import IndexChoice, parse_memory, sharded_choice
     from indexers.gpu import resolve_faiss_device
     from indexers.kinds import estimate_bytes
     from indexers.select import SAMPLE, select_index
@@ -110,17 +119,28 @@ def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: s
     budget = parse_memory(memory_budget)
     notes: list[str] = []
     gpu = resolve_faiss_device(device, notes) == "cuda"
-    trials = []
-    if index_key == "auto":
+    trials, fill = [], None
+    if shards is not None:
+        from retrieval.index_shards import sharded_fill
+
+        fill = sharded_fill(store, out, shards, engine, ray_address)
+    if index_key == "auto" and shards is not None:
+        choice = sharded_choice(n, dim)
+    elif index_key == "auto":
         selection = select_index(store.sample(SAMPLE, seed=3)[1], n, dim, budget, target_recall, goal=goal, gpu=gpu)
         choice, trials = selection.choice, [t.to_dict() for t in selection.trials]
     else:
         choice = IndexChoice(index_key, estimate_bytes(index_key, n, dim), "given with --index-key")
+    if fill is not None:
+        from indexers.shards import check_on_disk_key
+
+        check_on_disk_key(choice.key, dim)
     recall_rows, recall_queries = store.sample(RECALL_QUERIES, seed=2)
     built = build_index(store.iter_batches, n, dim, choice.key,
                         sample_vectors=lambda m: store.sample(m, seed=1)[1],
                         recall_queries=recall_queries, recall_rows=recall_rows,
-                        device=device, target_recall=target_recall, progress=progress)
+                        device=device, target_recall=target_recall, progress=progress, fill=fill)
+    lists = write_lists_file(built.index, out) if fill else {}
     index_file, index_sha256 = write_index_file(built.index, out)
     info = {
         "format": INDEX_FORMAT,
@@ -142,6 +162,8 @@ def _build(source: str | os.PathLike, out: Path, model: str | None, index_key: s
         "memory_budget": memory_budget,
         "estimated_bytes": choice.bytes,
         "index_bytes": index_file.stat().st_size,
+        **lists,
+        "shards": shards,
         "store": {"path": store_location(store.path, out), "version": store.version,
                   "fingerprint": store.fingerprint(), "count": n},
         "built_count": n,  # the vectors the quantiser was trained for; later adds are measured against it

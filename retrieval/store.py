@@ -258,12 +258,18 @@ class EmbeddingStore:
             raise RetrievalError(f"store {self.path} is incomplete: run the same `retrieval encode` "
                                  "command again to finish it")
 
-    def iter_batches(self, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream the live (row ids int64 [n], vectors float32 [n, dim]) in row order, a bounded batch at a time."""
-        for path in self.part_paths:
+    def iter_batches(self, batch_rows: int = 65536, between: tuple[int, int] | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream the live (row ids int64 [n], vectors float32 [n, dim]) in row order, a bounded batch at a time;
+        with `between` (lo, hi), only row ids lo ≤ row < hi, reading only the parts that hold them."""
+        lo, hi = between or (0, np.iinfo(np.int64).max)
+        for part in self.parts:
+            if part["rows"][1] <= lo or part["rows"][0] >= hi:
+                continue
+            path = self.path / part["file"]
             for batch in self._batches(path, ["row", "embedding"], batch_rows):
                 rows = batch.column("row").to_numpy().astype(np.int64, copy=False)
-                keep = self._keep(rows)
+                keep = self._keep(rows) & (rows >= lo) & (rows < hi)
                 vectors = self._vectors(batch, path)
                 yield (rows, vectors) if keep.all() else (rows[keep], vectors[keep])
 

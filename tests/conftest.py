@@ -136,3 +136,19 @@ def tok() -> TextTokenizer:
 def pictures(tmp_path_factory) -> dict[str, str]:
     """PNG files `<colour>-<shape>` for four colours and two shapes."""
     return write_shape_images(tmp_path_factory.mktemp("fdt-images"))
+
+
+@pytest.fixture(scope="session")
+def vector_store_20k(tmp_path_factory) -> Path:
+    """A store of 20,000 synthetic embedding-like vectors (dim 64) in parts of 5,000, under test-tiny's name and
+    weights, so that an index over it can be opened and searched with that model."""
+    import evaluation.bench.update as update
+    from evaluation.bench.index import DATABASE, synthetic_vectors
+    from retrieval.encoders import load_encoder
+
+    store = tmp_path_factory.mktemp("vectors") / "store"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(update, "PART_ROWS", 5_000)
+        update.vector_store(store, synthetic_vectors(20_000, 64, 3, DATABASE),
+                            encoder=load_encoder("test-tiny", device="cpu").describe())
+    return store

@@ -45,15 +45,16 @@ def write_vectors(store: Path, vectors: np.ndarray, first_row: int, first_part: 
     return entries
 
 
-def vector_store(store: Path, vectors: np.ndarray) -> None:
-    """A complete store of synthetic vectors (no model: its encoder is named `synthetic`)."""
+def vector_store(store: Path, vectors: np.ndarray, encoder: dict[str, Any] | None = None) -> None:
+    """A complete store of synthetic vectors (no model: its encoder is named `synthetic`, unless `encoder` gives
+    one of `vectors`' dimension to search it with)."""
     from retrieval.store import write_manifest
     from retrieval.store_manifest import FORMAT, VERSION
 
     store.mkdir(parents=True)
     parts = write_vectors(store, vectors, 0, 0)
     write_manifest(store, {"format": FORMAT, "version": VERSION, "dim": vectors.shape[1], "dtype": "float32",
-                           "encoder": {"name": "synthetic", "weights_sha256": "0" * 64}, "parts": parts,
+                           "encoder": encoder or {"name": "synthetic", "weights_sha256": "0" * 64}, "parts": parts,
                            "count": len(vectors), "complete": True, "part_size": PART_ROWS,
                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
@@ -113,6 +114,12 @@ class Encoder:
 
     def prepare(self, image: Image.Image | None, text: str | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def preparer(self) -> Encoder:
+        """A copy that prepares and collates items but holds no model: light to send to another process."""
+        clone = copy.copy(self)
+        clone.model = None
+        return clone
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return {key: torch.stack([item[key] for item in items]) for key in items[0]}
