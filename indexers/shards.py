@@ -22,7 +22,6 @@ import numpy as np
 from indexers.errors import IndexerError
 
 Batches = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
-ENGINES = ("local", "ray")
 MAX_SHARDS = 4096
 
 
@@ -61,11 +60,9 @@ def check_on_disk_key(key: str, dim: int) -> None:
                            "IVF1024,SQ8 or IVF1024,PQ32")
 
 
-def check_shards(shards: int, engine: str) -> None:
+def check_shards(shards: int) -> None:
     if not 1 <= shards <= MAX_SHARDS:
         raise IndexerError(f"--shards must be 1 to {MAX_SHARDS}, got {shards}")
-    if engine not in ENGINES:
-        raise IndexerError(f"--engine must be {' or '.join(ENGINES)}, got {engine!r}")
 
 
 def fill_shard(trained: np.ndarray, shard: Shard, threads: int) -> int:

@@ -32,6 +32,7 @@ from retrieval.errors import RetrievalError
 from retrieval.files import atomic_path, check_out_folder, folder_lock, remove_leftovers
 from retrieval.images import ImageReadError, load_image
 from retrieval.paths import PathPolicy, excerpt
+from retrieval.ray_cluster import check_engine
 from retrieval.store import DTYPES, ERRORS, embedding_array, write_part
 from retrieval.store import write_manifest as commit_manifest
 from retrieval.store_manifest import FORMAT, MANIFEST, VERSION, current_version, next_row, part_name
@@ -128,8 +129,7 @@ def encode_corpus(corpus_path: str | os.PathLike, out: str | os.PathLike, model:
     `follow_symlinks` / `root_only`: which files the corpus may read (retrieval.paths). `engine` "ray" runs the
     reading and embedding on a Ray cluster, with `ray` options (retrieval.encode_ray.RayOptions)."""
     check_encode_options(batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size)
-    if engine not in ("local", "ray"):
-        raise RetrievalError(f"--engine must be local or ray, got {engine!r}")
+    check_engine(engine)
     embedded = None
     if engine == "ray":
         from retrieval.encode_ray import RayOptions, ray_embedded

@@ -104,7 +104,8 @@ def commit(out: Path, info: dict[str, Any], previous: str | None) -> None:
 
 def committed_file(out: Path) -> str | None:
     """The index file that index.json names, if there is a readable index.json."""
-    return committed_files(out)[0] if committed_files(out) else None
+    files = committed_files(out)
+    return files[0] if files else None
 
 
 def committed_files(out: Path) -> list[str]:

@@ -21,6 +21,7 @@ from retrieval.index_folder import (
     write_index_file,
     write_lists_file,
 )
+from retrieval.ray_cluster import check_engine
 from retrieval.store import EmbeddingStore
 
 RECALL_QUERIES = 1000
@@ -85,10 +86,11 @@ def build_index_folder(source: str | os.PathLike, out: str | os.PathLike, model:
     check_goal(goal)
     if index_key != "auto":
         check_index_key(index_key)
+    check_engine(engine)
     if shards is not None:
         from indexers.shards import check_shards
 
-        check_shards(shards, engine)
+        check_shards(shards)
     check_encode_options(**encode_options)
     check_out_folder(out, "an index folder", is_index_folder)
     with folder_lock(out, "index build"):

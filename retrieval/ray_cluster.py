@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from retrieval.errors import RetrievalError
 
+ENGINES = ("local", "ray")  # where an encode job or a sharded build runs
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise RetrievalError(f"--engine must be {' or '.join(ENGINES)}, got {engine!r}")
+
 
 def connect(address: str | None = None) -> None:
     """Join the Ray cluster at `address` ('auto': the one `ray start` runs on this machine), or start a local
