@@ -1,6 +1,7 @@
-"""The README, run: every command of its ```bash blocks and every ```python block, top to bottom in one scratch
-folder as a new user would, with only the sizes of long runs cut down (SMALLER, each rule checked to apply);
-and its CLI reference checked against the real commands and options. The README and the tool cannot drift apart.
+"""The README, run (and docs/evaluation.md, which continues it): every command of their ```bash blocks and every
+```python block, top to bottom in one scratch folder as a new user would, with only the sizes of long runs cut down
+(SMALLER, each rule checked to apply); and its CLI reference checked against the real commands and options. The
+README and the tool cannot drift apart.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+GUIDES = [README, ROOT / "docs" / "evaluation.md"]  # run in this order, in one scratch folder
 BIN = Path(sys.executable).parent
 
 # The README's long runs, made smaller: (command words, option, value). The value replaces the README's or is
@@ -321,9 +323,11 @@ def run_command(line: str, cwd: Path, env: dict[str, str], fired: set[int]) -> s
     return subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-def run_readme(text: str, work: Path, env: dict[str, str], fired: set[int], not_run: set[str], checked: set[str],
+def run_readme(guide: Path, work: Path, env: dict[str, str], fired: set[int], not_run: set[str], checked: set[str],
                servers: list[subprocess.Popen]) -> int:
-    """Run every block of the README in order; returns how many commands ran."""
+    """Run every block of a guide (the README, or a document that continues it) in order; returns how many
+    commands ran."""
+    text = guide.read_text(encoding="utf-8")
     ran = 0
     for language, body, line_no in fenced_blocks(text):
         if language == "python":
@@ -342,7 +346,7 @@ def run_readme(text: str, work: Path, env: dict[str, str], fired: set[int], not_
                 else:
                     runs.append((line, line))
         else:
-            assert language == "", f"README.md line {line_no}: a ```{language} block is neither run nor checked"
+            assert language == "", f"{guide.name} line {line_no}: a ```{language} block is neither run nor checked"
             continue
         for line, source in runs:
             for name, write in DOWNLOADS.items():
@@ -354,7 +358,7 @@ def run_readme(text: str, work: Path, env: dict[str, str], fired: set[int], not_
             start = time.perf_counter()
             proc = run_command(line, work, env, fired)
             print(f"{time.perf_counter() - start:6.1f} s  {line[:110]}")
-            where = f"README.md line {line_no}: {source}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+            where = f"{guide.name} line {line_no}: {source}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
             if "--device cuda" in line and not torch.cuda.is_available():
                 errors = proc.stderr.strip().splitlines()
                 assert proc.returncode == 2 and len(errors) == 1 and "CUDA" in errors[0], where
@@ -383,7 +387,6 @@ def start_server(line: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_every_readme_command_runs_top_to_bottom(tmp_path):
-    text = README.read_text(encoding="utf-8")
     work = tmp_path / "work"
     work.mkdir()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RETRIEVAL_CACHE": str(tmp_path / "cache"),
@@ -392,7 +395,7 @@ def test_every_readme_command_runs_top_to_bottom(tmp_path):
     not_run, checked = set(), set()
     servers: list[subprocess.Popen] = []
     try:
-        ran = run_readme(text, work, env, fired, not_run, checked, servers)
+        ran = sum(run_readme(guide, work, env, fired, not_run, checked, servers) for guide in GUIDES)
     finally:
         for server in servers:
             server.terminate()
