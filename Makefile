@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# one pytest worker per core, a test file to a worker (its module fixtures built once); PARALLEL= runs serially
+PARALLEL ?= -n auto --dist loadfile
 
 $(BIN)/retrieval: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +30,11 @@ browser:
 
 test: setup browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL)
 
 test-fast: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

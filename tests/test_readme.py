@@ -47,7 +47,7 @@ SMALLER: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "train"), "--batch-size", "32"),
     (("demo",), "--n-shapes", "120"),
     (("demo",), "--n-digits", "100"),
-    (("results",), "--models", "test-tiny"),
+    (("results",), "--models", "sparc-tiny"),  # a late-fusion model: score, head and rerank rows
     (("results",), "--index-n", "3000"),
     (("results",), "--encode-n", "64"),
 ]
@@ -293,7 +293,27 @@ def check_bench_train(out: str, cwd: Path) -> None:
     assert report["max_relative_loss_difference"]["grouped-bf16"] < 3e-2
 
 
+def check_results(out: str, cwd: Path) -> None:
+    """The results page: written from this run's measurements, with every task row in each fusion mode and the
+    rerank row, the bench sections and the published numbers, marked as theirs."""
+    from evaluation.published import published_markdown
+
+    text = (cwd / "docs" / "results.md").read_text()
+    measured = json.loads((cwd / "docs" / "results-eval.json").read_text())
+    summary = text[text.index("### Summary"):text.index("### Details")]
+    assert measured["results"] and all(f"{r['dataset']}/{r['task']}" in summary for r in measured["results"])
+    assert all(label in summary for label in ("sparc-tiny (score)", "sparc-tiny (head)", "sparc-tiny (rerank@20)"))
+    assert "## ANN fidelity and speed" in text and "recall@10" in text and "plain recall@10" in text
+    assert text.count("encode bench: ") == 1  # one per model
+    assert published_markdown().strip() in text and "theirs, on their data" in text
+    assert "| FuseLIP-B, CC3M+MM | 23.3 | 17.5 | 15.0 | 82.4 | 18.1 |" in text  # the README's own table, row by row
+    assert "/tmp" not in summary  # no machine-local paths in the tables
+    with Image.open(cwd / "docs" / "results-eval.png") as plot:
+        assert plot.format == "PNG"
+
+
 CHECKS: dict[str, Callable[[str, Path], None]] = {
+    "make results": check_results,
     "bench train --data": check_bench_train,
     "make demo": check_demo,
     "eval mmeb --data mmeb-eval/": check_mmeb,
