@@ -3,9 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# one pytest worker per core, a test file to a worker (its module fixtures built once), in the order
-# tests/conftest.py gives (longest first, not xdist's most-tests-first); PARALLEL= runs serially
-PARALLEL ?= -n auto --dist loadfile --no-loadscope-reorder
+# one pytest worker per core, a test file to a worker (its module fixtures built once); PARALLEL= runs serially
+PARALLEL ?= -n auto --dist loadfile
 
 $(BIN)/retrieval: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -44,14 +44,6 @@ def install_plugin(root: Path, package: str, family: str, files: dict[str, str |
     return os.environ | {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
 
 
-LONGEST_FIRST = ("test_readme.py",)  # ~10 min alone: begun first, so that parallel workers end together
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the longest test files first (xdist hands files to workers in this order)."""
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
-
-
 STRACE = shutil.which("strace")
 DURABILITY_CALLS = ("rename", "renameat", "renameat2", "fsync", "fdatasync")
 needs_strace = pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
